@@ -1,0 +1,36 @@
+# The two commands a user needs: `make demo` and `make test`. Both set themselves up on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+PYBIN   := $(VENV)/bin/python
+# torch is pinned for development: a bare `torch` pulls a multi-GB CUDA build; the package asks torch>=2.4.
+DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy pybind11 ninja cmake setuptools wheel \
+            pytest pytest-benchmark hypothesis
+# Peers compared in the benchmarks; only open_clip's loss.py is loaded (benchmarks/peers.py).
+PEERS   := open-clip-torch
+
+.PHONY: setup demo test test-fast bench bench-contrastive clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*)
+	test -x $(PYBIN) || $(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q $(DEV_DEPS)
+	$(PYBIN) -m pip install -q --no-deps $(PEERS)
+	$(PYBIN) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+# The main job: until the training demo lands, the contrastive benchmark at one size.
+demo: setup
+	$(PYBIN) -m mmfast info
+	$(PYBIN) benchmarks/bench_contrastive.py --sizes 4096 --repeats 3
+
+test: setup
+	$(PYBIN) -m pytest -q -ra tests
+
+bench: bench-contrastive
+
+bench-contrastive: setup
+	$(PYBIN) benchmarks/bench_contrastive.py
+
+clean:
+	rm -rf build *.egg-info mmfast/_C*.so $(VENV)

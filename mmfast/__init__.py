@@ -1,0 +1,13 @@
+"""mmfast: fused kernels for multimodal training.
+
+    loss = mmfast.clip_loss(image_features, text_features, logit_scale)
+
+Every op has the backends of design.md §2 (reference, torch, cpu, triton); `backend=None` picks
+one by device. `python -m mmfast info` says which run here.
+"""
+from mmfast import nn
+from mmfast._backends import BACKENDS
+from mmfast.contrastive import clip_loss, infonce_loss, siglip_loss
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "clip_loss", "infonce_loss", "nn", "siglip_loss", "__version__"]

@@ -1,0 +1,48 @@
+"""Command line: `python -m mmfast info` prints versions and which backends run here (and why not)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info() -> int:
+    import torch
+
+    import mmfast
+    from mmfast import _backends
+
+    print(f"mmfast   {mmfast.__version__}")
+    print(f"python   {platform.python_version()}")
+    print(f"torch    {torch.__version__} (threads: {torch.get_num_threads()})")
+    try:
+        import triton
+
+        print(f"triton   {triton.__version__}")
+    except ImportError:
+        print("triton   not installed")
+    cuda = torch.cuda.is_available()
+    print(f"cuda     {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}")
+    if _backends.EXT_ERROR is None:
+        print(f"_C       built (CPU kernels: {torch.ops.mmfast.cpu_capability()})")
+    print("backends:")
+    for name in _backends.BACKENDS:
+        reason = _backends.unavailable_reason(name)
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"default  {_backends.select(None, device)} (for {device.type} tensors)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and available backends")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

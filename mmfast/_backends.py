@@ -1,0 +1,52 @@
+"""Backends: which implementations exist, which can run here (and why not), and the choice for a call.
+
+design.md §2: `reference` (naive, materialises everything), `torch` (chunked PyTorch, any device),
+`cpu` (C++ kernels in mmfast._C), `triton` (GPU kernels). The automatic choice is by device
+(CUDA → triton, CPU → cpu, else torch); `backend=` or the MMFAST_BACKEND variable overrides it. A
+backend asked for by name that cannot run raises; it never falls back silently.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "torch", "cpu", "triton")
+
+try:
+    from mmfast import _C  # noqa: F401  (importing registers the torch.ops.mmfast.cpu_* kernels)
+
+    EXT_ERROR: Optional[str] = None
+except ImportError as exc:  # built with MMFAST_BUILD_EXT=0, or the build failed
+    EXT_ERROR = f"mmfast._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why backend `name` cannot run on `device` (any device when None), or None if it can."""
+    if name in ("reference", "torch"):
+        return None
+    if name == "cpu":
+        if EXT_ERROR is not None:
+            return EXT_ERROR
+        if device is not None and device.type != "cpu":
+            return f"it runs on CPU tensors, got tensors on {device}"
+        return None
+    if name == "triton":
+        return "the Triton kernels are not implemented yet"
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def select(name: Optional[str], device: torch.device) -> str:
+    """The backend to run for tensors on `device`: `name` if given, else $MMFAST_BACKEND, else by device."""
+    if name is None:
+        name = os.environ.get("MMFAST_BACKEND") or None
+    if name is None:
+        preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "torch"
+        return preferred if unavailable_reason(preferred, device) is None else "torch"
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run: {reason}")
+    return name

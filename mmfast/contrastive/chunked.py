@@ -1,0 +1,72 @@
+"""The `torch` backend of the contrastive primitives: chunked PyTorch, any device.
+
+Same contract as csrc/contrastive_cpu.h. Z = s·A·Bᵀ + b is formed CHUNK_ELEMS entries at a time (a
+block of rows against every column), so memory is O((N + M)·D + CHUNK_ELEMS), never N×M.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# 2^20 logits (4 MB in fp32) per chunk: big enough that each chunk's GEMM runs at full speed,
+# small enough that the handful of temporaries per chunk stay far below an N×M buffer.
+CHUNK_ELEMS = 1 << 20
+
+
+def _chunks(n: int, m: int):
+    step = max(1, CHUNK_ELEMS // max(m, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _scalars(scale: Tensor, bias: Optional[Tensor]):
+    return scale.float().reshape(()), (bias.float().reshape(()) if bias is not None else 0.0)
+
+
+def stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], sigmoid: bool, with_cols: bool):
+    """a: (N, D), b: (M, D) → row (N,) and col (M,) or (0,), fp32 (see contrastive_cpu.h)."""
+    a32, b32 = a.float(), b.float()
+    s, bb = _scalars(scale, bias)
+    rows, col = [], None
+    for i0, i1 in _chunks(a.shape[0], b.shape[0]):
+        z = s * (a32[i0:i1] @ b32.T) + bb
+        if sigmoid:
+            rows.append(F.softplus(z).sum(1))
+            continue
+        rows.append(torch.logsumexp(z, 1))
+        if with_cols:
+            part = torch.logsumexp(z, 0)
+            col = part if col is None else torch.logaddexp(col, part)
+    if col is None:
+        col = a32.new_empty(0)
+    return torch.cat(rows), col
+
+
+def grad(a, b, scale, bias, row, col, grad_row, grad_col, sigmoid: bool, need_a: bool, need_b: bool):
+    """G = wr·exp(Z − r) + wc·exp(Z − c) (or wr·σ(Z)) chunk by chunk → (dA, dB, ds, db)."""
+    a32, b32 = a.float(), b.float()
+    s, bb = _scalars(scale, bias)
+    with_cols = not sigmoid and col.numel() > 0
+    da = torch.zeros_like(a32) if need_a else a32.new_empty(0)
+    db = torch.zeros_like(b32) if need_b else b32.new_empty(0)
+    ds = torch.zeros((), dtype=torch.float64, device=a.device)
+    dbias = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i0, i1 in _chunks(a.shape[0], b.shape[0]):
+        p = a32[i0:i1] @ b32.T
+        z = s * p + bb
+        wr = grad_row[i0:i1, None].float()
+        if sigmoid:
+            g = wr * torch.sigmoid(z)
+        else:
+            g = wr * torch.exp(z - row[i0:i1, None])
+            if with_cols:
+                g += grad_col[None].float() * torch.exp(z - col[None])
+        ds += (g * p).sum(dtype=torch.float64)
+        dbias += g.sum(dtype=torch.float64)
+        if need_a:
+            torch.mm(g, b32, out=da[i0:i1])
+        if need_b:
+            db.addmm_(g.T, a32[i0:i1])
+    return (s * da).to(a.dtype), (s * db).to(b.dtype), ds.float(), dbias.float()
