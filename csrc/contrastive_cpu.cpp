@@ -38,17 +38,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad(
   TORCH_CHECK(row_weight.numel() == a.size(0), "row_weight must have N entries");
   TORCH_CHECK(!with_cols || (col.numel() == b.size(0) && col_weight.numel() == b.size(0)),
               "col and col_weight must have M entries");
-  // ds = Σ G∘(A·Bᵀ) = ⟨A, dA⟩/s: read off dA (or dB) after the sweep instead of per element.
-  const bool form_a = need_a || !need_b;
-  at::Tensor da = form_a ? at::zeros_like(a) : at::Tensor();
+  at::Tensor da = need_a ? at::zeros_like(a) : at::Tensor();
   at::Tensor db = need_b ? at::zeros_like(b) : at::Tensor();
   const at::Tensor row_f = sigmoid ? at::Tensor() : as_f32(row);
-  const double bias_grad = MMFAST_CPU_DISPATCH(
+  const auto [scale_grad, bias_grad] = MMFAST_CPU_DISPATCH(
       contrastive_grad, a, b, float(scale), float(bias), sigmoid, row_f,
       with_cols ? as_f32(col) : at::Tensor(), as_f32(row_weight),
       with_cols ? as_f32(col_weight) : at::Tensor(), da, db);
-  const at::Tensor dot = form_a ? at::mul(a, da).sum(at::kDouble) : at::mul(b, db).sum(at::kDouble);
-  const at::Tensor grad_scale = (dot / scale).to(at::kFloat);
+  const at::Tensor grad_scale = at::scalar_tensor(scale_grad, a.options());
   const at::Tensor grad_bias = at::scalar_tensor(bias_grad, a.options());
   const at::Tensor none = at::empty({0}, a.options());
   return {need_a ? da.to(a_in.scalar_type()) : none, need_b ? db.to(b_in.scalar_type()) : none,

@@ -7,10 +7,12 @@
 // grad:  with G_ij = wr_i·exp(Z_ij − r_i) + wc_j·exp(Z_ij − c_j)   (softmax; the wc term only when wc is defined)
 //        or  G_ij = wr_i·σ(Z_ij)                                   (sigmoid),
 //        da (N, D) = scale·G·B and db (M, D) = scale·Gᵀ·A, each only when defined (zero-filled on entry);
-//        returns Σ_ij G_ij, the bias gradient.
+//        returns (Σ_ij G_ij·(A·Bᵀ)_ij, Σ_ij G_ij): the scale and bias gradients.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <utility>
 
 namespace mmfast {
 
@@ -18,10 +20,10 @@ namespace mmfast {
   namespace CAP {                                                                            \
   void contrastive_stats(const at::Tensor& a, const at::Tensor& b, float scale, float bias, \
                          bool sigmoid, at::Tensor& row, at::Tensor& col);                    \
-  double contrastive_grad(const at::Tensor& a, const at::Tensor& b, float scale, float bias, \
-                          bool sigmoid, const at::Tensor& row, const at::Tensor& col,        \
-                          const at::Tensor& wr, const at::Tensor& wc, at::Tensor& da,        \
-                          at::Tensor& db);                                                   \
+  std::pair<double, double> contrastive_grad(                                                \
+      const at::Tensor& a, const at::Tensor& b, float scale, float bias, bool sigmoid,       \
+      const at::Tensor& row, const at::Tensor& col, const at::Tensor& wr, const at::Tensor& wc, \
+      at::Tensor& da, at::Tensor& db);                                                       \
   }
 
 #ifdef CPU_CAPABILITY

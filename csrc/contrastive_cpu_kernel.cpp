@@ -40,12 +40,19 @@ float reduce_sum(const Vec& v) {
 }
 
 // One tile: rows [i0, i0 + rows) x columns [j0, j0 + cols) of Z. p holds the unscaled A·Bᵀ,
-// row-major with row stride ld (a multiple of the vector width); columns [cols, ld) hold -inf, so
-// Z there is -inf and every exp or sigmoid of it is exactly 0: the loops need no tail handling.
+// row-major with row stride ld (a multiple of the vector width), 0 in columns [cols, ld).
+// z_at adds mask (0, or -inf past cols), so Z there is -inf and every exp or sigmoid of it is
+// exactly 0 (and G·P is 0·0): the loops need no tail handling.
 struct Tile {
   int64_t i0, rows, j0, cols, ld;
   float* p;
+  const float* mask;
 };
+
+// Z = s·P + b (+ the padding mask) for the vector at p[c], mask[c].
+inline Vec z_at(const float* p, const float* mask, int64_t c, const Vec& s, const Vec& b) {
+  return at::vec::fmadd(Vec::loadu(p + c), s, b) + Vec::loadu(mask + c);
+}
 
 // Walks every tile of Z with no barrier between tiles. Tiles are handed out one at a time, column
 // stripe by column stripe, to whichever thread is free (the machine may be shared: static chunks
@@ -64,7 +71,7 @@ void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass) {
   std::mutex flush_lock;
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     const int thread = at::get_thread_num();
-    std::vector<float> buffer(kRows * ld_max);
+    std::vector<float> buffer(kRows * ld_max), mask(ld_max);
     float* p = buffer.data();
     int64_t stripe = -1;
     auto leave_stripe = [&] {
@@ -78,12 +85,13 @@ void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass) {
       if (t / row_blocks != stripe) {
         leave_stripe();
         stripe = t / row_blocks;
+        std::fill(std::fill_n(mask.begin(), cols, 0.f), mask.begin() + ld, -kInf);
         pass.start(thread, ld);
       }
       at::Tensor p_view = at::from_blob(p, {rows, cols}, {ld, 1}, a.options());
       at::mm_out(p_view, a.narrow(0, i0, rows), b.narrow(0, j0, cols).t());
-      for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld + cols, p + (r + 1) * ld, -kInf);
-      pass.tile(thread, Tile{i0, rows, j0, cols, ld, p});
+      for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld + cols, p + (r + 1) * ld, 0.f);
+      pass.tile(thread, Tile{i0, rows, j0, cols, ld, p, mask.data()});
     }
     leave_stripe();
   });
@@ -130,7 +138,7 @@ struct SoftmaxStats {
       float* z = T.p + r * T.ld;
       Vec vmax(-kInf);
       for (int64_t c = 0; c < T.ld; c += kW) {
-        const Vec zc = at::vec::fmadd(Vec::loadu(z + c), vs, vb);
+        const Vec zc = z_at(z, T.mask, c, vs, vb);
         zc.store(z + c);
         vmax = at::vec::maximum(vmax, zc);
         if (with_cols) at::vec::maximum(Vec::loadu(cmax + c), zc).store(cmax + c);
@@ -194,7 +202,7 @@ struct SigmoidStats {
       const float* p = T.p + r * T.ld;
       Vec vsum(0.f);
       for (int64_t c = 0; c < T.ld; c += kW) {
-        const Vec z = at::vec::fmadd(Vec::loadu(p + c), vs, vb);
+        const Vec z = z_at(p, T.mask, c, vs, vb);
         vsum = vsum + at::vec::maximum(z, zero) + (zero - z.abs()).exp().log1p();
       }
       tile_row_sum[r] = reduce_sum(vsum);
@@ -221,6 +229,7 @@ struct Grad {
   RowLocks row_lock;
   std::vector<at::Tensor> db_part;  // per thread: (kCols, D)
   std::vector<double> bias_grad;    // per thread: Σ G
+  std::vector<double> scale_grad;   // per thread: Σ G∘P
 
   void start(int thread, int64_t) {
     if (db.defined()) db_part[thread].zero_();
@@ -234,13 +243,14 @@ struct Grad {
       std::fill(std::copy(col + T.j0, col + T.j0 + T.cols, c_pad), c_pad + T.ld, kInf);
       std::fill(std::copy(col_w + T.j0, col_w + T.j0 + T.cols, wc_pad), wc_pad + T.ld, 0.f);
     }
-    Vec vgsum(0.f);
+    Vec vgsum(0.f), vgpsum(0.f);
     for (int64_t r = 0; r < T.rows; ++r) {
       float* p = T.p + r * T.ld;
       const int64_t i = T.i0 + r;
       const Vec wi(row_w[i]);
       for (int64_t c = 0; c < T.ld; c += kW) {
-        const Vec z = at::vec::fmadd(Vec::loadu(p + c), vs, vb);
+        const Vec pc = Vec::loadu(p + c);
+        const Vec z = at::vec::fmadd(pc, vs, vb) + Vec::loadu(T.mask + c);
         Vec g;
         if (sigmoid) {
           g = wi / (one + z.neg().exp());
@@ -250,9 +260,11 @@ struct Grad {
         }
         g.store(p + c);
         vgsum = vgsum + g;
+        vgpsum = at::vec::fmadd(g, pc, vgpsum);
       }
     }
     bias_grad[thread] += reduce_sum(vgsum);
+    scale_grad[thread] += reduce_sum(vgpsum);
     const at::Tensor g = at::from_blob(T.p, {T.rows, T.cols}, {T.ld, 1}, a.options());
     if (db.defined()) db_part[thread].narrow(0, 0, T.cols).addmm_(g.t(), a.narrow(0, T.i0, T.rows));
     if (da.defined()) {
@@ -287,8 +299,8 @@ void contrastive_stats(const at::Tensor& a, const at::Tensor& b, float scale, fl
   }
 }
 
-double contrastive_grad(const at::Tensor& a, const at::Tensor& b, float scale, float bias,
-                        bool sigmoid, const at::Tensor& row, const at::Tensor& col,
+std::pair<double, double> contrastive_grad(const at::Tensor& a, const at::Tensor& b, float scale, float bias,
+                                           bool sigmoid, const at::Tensor& row, const at::Tensor& col,
                         const at::Tensor& wr, const at::Tensor& wc, at::Tensor& da, at::Tensor& db) {
   const int nthreads = at::get_num_threads();
   std::vector<at::Tensor> db_part;
@@ -298,11 +310,12 @@ double contrastive_grad(const at::Tensor& a, const at::Tensor& b, float scale, f
   Grad pass{scale, bias, sigmoid,
             sigmoid ? nullptr : row.data_ptr<float>(), wr.data_ptr<float>(),
             with_cols ? col.data_ptr<float>() : nullptr, with_cols ? wc.data_ptr<float>() : nullptr,
-            a, b, da, db, RowLocks(a.size(0)), std::move(db_part), std::vector<double>(nthreads, 0.0)};
+            a, b, da, db, RowLocks(a.size(0)), std::move(db_part), std::vector<double>(nthreads, 0.0),
+            std::vector<double>(nthreads, 0.0)};
   sweep(a, b, pass);
-  double bias_grad = 0.0;
-  for (double v : pass.bias_grad) bias_grad += v;
-  return bias_grad;
+  double scale_grad = 0.0, bias_grad = 0.0;
+  for (int t = 0; t < nthreads; ++t) scale_grad += pass.scale_grad[t], bias_grad += pass.bias_grad[t];
+  return {scale_grad, bias_grad};
 }
 
 }  // namespace CPU_CAPABILITY

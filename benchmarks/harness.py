@@ -1,0 +1,99 @@
+"""A small benchmark harness: each case runs in fresh processes (one timed, one for memory); the
+parent collects medians and ratios and writes one JSON per run.
+
+Times are medians of warm repeats (the machines are shared and noisy: compare ratios within a run).
+Extra peak memory is the growth of the process's peak RSS over one call, once the inputs exist
+and a tiny call has warmed up the code paths.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(make_step, mode: str, repeats: int) -> dict:
+    """In a worker process. make_step(small) builds the case (small=True: a tiny one that warms up
+    lazy imports and code paths). mode "memory": growth of the peak RSS over one call of the real
+    step; mode "time": one warm-up call, then `repeats` timed calls."""
+    make_step(True)()
+    step = make_step(False)
+    if mode == "memory":
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        return {"extra_peak_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"times_s": times, "median_s": statistics.median(times)}
+
+
+def run_case(script: str, args: list[str], timeout: float = 1800) -> dict:
+    """Times and memory of one case, each from a fresh `script --worker MODE args...` process."""
+    return {**run_worker(script, ["time", *args], timeout), **run_worker(script, ["memory", *args], timeout)}
+
+
+def run_worker(script: str, args: list[str], timeout: float) -> dict:
+    """Runs `script --worker args...` in a fresh process; its last stdout line is a JSON dict."""
+    env = dict(os.environ)
+    if args[0] == "memory":
+        # A fixed mmap threshold makes glibc unmap freed blocks at once, so the peak RSS follows
+        # what was allocated, not what the allocator kept cached (its dynamic threshold can keep
+        # 100s of MB). It would slow the timed runs (every large block page-faults anew): memory only.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        oom = "out of memory" in proc.stderr.lower() or proc.returncode == -9
+        return {"error": "out of memory" if oom else " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, payload: dict, out_dir: str | None = None) -> Path:
+    out = Path(out_dir or os.environ.get("OUT") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format) — missing values print as '-'."""
+    def cell(row, key, fmt):
+        v = row.get(key)
+        return "-" if v is None else (format(v, fmt) if not isinstance(v, str) else v)
+
+    body = [[h for h, _, _ in columns]] + [[cell(r, k, f) for _, k, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
