@@ -16,21 +16,32 @@ void check_features(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.size(1) == b.size(1), "a and b must share D, got ", a.size(1), " and ", b.size(1));
 }
 
+// positives: the sigmoid loss's positive column per row, (N,) int64 (see contrastive_cpu.h).
+at::Tensor positives_arg(const std::optional<at::Tensor>& positives, const at::Tensor& a, bool sigmoid) {
+  if (!sigmoid || !positives.has_value()) return at::Tensor();
+  TORCH_CHECK(positives->numel() == a.size(0) && positives->scalar_type() == at::kLong,
+              "positives must be an int64 tensor with one entry per row of a");
+  return positives->contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& a_in, const at::Tensor& b_in, double scale,
-                                         double bias, bool sigmoid, bool with_cols) {
+                                         double bias, const std::optional<at::Tensor>& positives, bool sigmoid,
+                                         bool with_cols) {
   check_features(a_in, b_in);
   const at::Tensor a = as_f32(a_in), b = as_f32(b_in);
-  at::Tensor row = at::empty({a.size(0)}, a.options());
-  at::Tensor col = with_cols && !sigmoid ? at::empty({b.size(0)}, a.options()) : at::empty({0}, a.options());
+  const auto f64 = a.options().dtype(at::kDouble);
+  at::Tensor row = at::empty({a.size(0)}, f64);
+  at::Tensor col = at::empty({with_cols && !sigmoid ? b.size(0) : 0}, f64);
   at::Tensor col_arg = col.numel() > 0 ? col : at::Tensor();
-  MMFAST_CPU_DISPATCH(contrastive_stats, a, b, float(scale), float(bias), sigmoid, row, col_arg);
+  MMFAST_CPU_DISPATCH(contrastive_stats, a, b, float(scale), float(bias), sigmoid, positives_arg(positives, a, sigmoid),
+                      row, col_arg);
   return {row, col};
 }
 
 // An empty col or col_weight means "no column term".
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad(
-    const at::Tensor& a_in, const at::Tensor& b_in, double scale, double bias, bool sigmoid,
-    const at::Tensor& row, const at::Tensor& col, const at::Tensor& row_weight,
+    const at::Tensor& a_in, const at::Tensor& b_in, double scale, double bias,
+    const std::optional<at::Tensor>& positives, bool sigmoid, const at::Tensor& row, const at::Tensor& col, const at::Tensor& row_weight,
     const at::Tensor& col_weight, bool need_a, bool need_b) {
   check_features(a_in, b_in);
   const at::Tensor a = as_f32(a_in), b = as_f32(b_in);
@@ -40,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad(
               "col and col_weight must have M entries");
   at::Tensor da = need_a ? at::zeros_like(a) : at::Tensor();
   at::Tensor db = need_b ? at::zeros_like(b) : at::Tensor();
-  const at::Tensor row_f = sigmoid ? at::Tensor() : as_f32(row);
+  const at::Tensor row_f = sigmoid ? at::Tensor() : row.to(at::kDouble).contiguous();
   const auto [scale_grad, bias_grad] = MMFAST_CPU_DISPATCH(
-      contrastive_grad, a, b, float(scale), float(bias), sigmoid, row_f,
-      with_cols ? as_f32(col) : at::Tensor(), as_f32(row_weight),
+      contrastive_grad, a, b, float(scale), float(bias), sigmoid, positives_arg(positives, a, sigmoid), row_f,
+      with_cols ? col.to(at::kDouble).contiguous() : at::Tensor(), as_f32(row_weight),
       with_cols ? as_f32(col_weight) : at::Tensor(), da, db);
   const at::Tensor grad_scale = at::scalar_tensor(scale_grad, a.options());
   const at::Tensor grad_bias = at::scalar_tensor(bias_grad, a.options());

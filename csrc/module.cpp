@@ -7,9 +7,9 @@
 
 TORCH_LIBRARY(mmfast, m) {
   // Contrastive primitives (csrc/contrastive_cpu.h). scale/bias arrive as plain numbers.
-  m.def("cpu_contrastive_stats(Tensor a, Tensor b, float scale, float bias, bool sigmoid, bool with_cols)"
-        " -> (Tensor row, Tensor col)");
-  m.def("cpu_contrastive_grad(Tensor a, Tensor b, float scale, float bias, bool sigmoid, Tensor row,"
+  m.def("cpu_contrastive_stats(Tensor a, Tensor b, float scale, float bias, Tensor? positives, bool sigmoid,"
+        " bool with_cols) -> (Tensor row, Tensor col)");
+  m.def("cpu_contrastive_grad(Tensor a, Tensor b, float scale, float bias, Tensor? positives, bool sigmoid, Tensor row,"
         " Tensor col, Tensor row_weight, Tensor col_weight, bool need_a, bool need_b)"
         " -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale, Tensor grad_bias)");
   m.def("cpu_capability() -> str", [] { return std::string(mmfast::capability_name(mmfast::cpu_capability())); });

@@ -33,8 +33,24 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
             return f"it runs on CPU tensors, got tensors on {device}"
         return None
     if name == "triton":
-        return "the Triton kernels are not implemented yet"
+        return _triton_reason(device)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _triton_reason(device: Optional[torch.device]) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6 has)"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device is None:
+        return None if torch.cuda.is_available() or interpret else (
+            "no CUDA device (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests)")
+    if device.type == "cuda" or (device.type == "cpu" and interpret):
+        return None
+    return f"it runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
 
 
 def select(name: Optional[str], device: torch.device) -> str:

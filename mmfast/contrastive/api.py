@@ -3,7 +3,8 @@
 Notation (design.md §1.1): A (N, D), B (M, D), s the logit scale, b the bias, Z = s·A·Bᵀ + b,
 r = row logsumexp, c = column logsumexp. With label smoothing ε, a row's term is
 r_i − (1 − ε)·Z_i,y − ε·mean_j Z_ij, and mean_j Z_ij = s·A_i·mean(B) + b costs O(N·D).
-Losses come back in fp32; gradients in the features' dtype.
+The op's statistics are fp64, so each loss is summed in fp64 and returned in fp32; gradients come
+back in the features' dtype.
 """
 from __future__ import annotations
 
@@ -49,13 +50,13 @@ def clip_loss(
     if name == "reference":
         return reference.clip_loss(a, b, scale, bias, eps, reduction)
 
-    row, col = contrastive_stats(a, b, scale, bias, False, True, name)
+    row, col = contrastive_stats(a, b, scale, bias, None, False, True, name)
     s, bf = _as_f32(scale), _as_f32(bias)
     a32, b32 = a.float(), b.float()
     pos = s * (a32 * b32).sum(1) + bf  # Z_ii
     image_terms = _smoothed(row, pos, s * (a32 @ b32.mean(0)) + bf, eps)
     text_terms = _smoothed(col, pos, s * (b32 @ a32.mean(0)) + bf, eps)
-    return _checks.reduce(0.5 * (image_terms + text_terms), reduction)
+    return _checks.reduce(0.5 * (image_terms + text_terms), reduction).float()
 
 
 def infonce_loss(
@@ -91,16 +92,16 @@ def infonce_loss(
     if name == "reference":
         return reference.infonce_loss(q, k, scale, labels, negatives, eps, reduction)
 
-    row, _ = contrastive_stats(q, k, scale, None, False, False, name)
+    row, _ = contrastive_stats(q, k, scale, None, None, False, False, name)
     q32, k32 = q.float(), k.float()
     key_sum, n_keys = k32.sum(0), k.shape[0]
     if negatives is not None:
-        neg_row, _ = contrastive_stats(q, negatives, scale, None, False, False, name)
+        neg_row, _ = contrastive_stats(q, negatives, scale, None, None, False, False, name)
         row = torch.logaddexp(row, neg_row)
         key_sum, n_keys = key_sum + negatives.float().sum(0), n_keys + negatives.shape[0]
     s = _as_f32(scale)
     pos = s * (q32 * k32[labels]).sum(1)
-    return _checks.reduce(_smoothed(row, pos, s * (q32 @ key_sum) / n_keys, eps), reduction)
+    return _checks.reduce(_smoothed(row, pos, s * (q32 @ key_sum) / n_keys, eps), reduction).float()
 
 
 def siglip_loss(
@@ -113,8 +114,7 @@ def siglip_loss(
 ) -> Tensor:
     """Pairwise sigmoid loss, open_clip's SigLipLoss value: −(1/N)·Σ_ij log σ(t_ij·Z_ij), t = +1 on
     the diagonal and −1 elsewhere. image_features: (N, D), text_features: (M, D), M >= N; pairs on
-    the diagonal. Since −log σ(−z) = softplus(z) and −log σ(z) = softplus(z) − z, the loss is
-    (Σ_ij softplus(Z_ij) − Σ_i Z_ii)/N.
+    the diagonal. −log σ(t·z) = softplus(−t·z), summed by the op with t = +1 at each row's positive.
     """
     a = _checks.features("image_features", image_features)
     b = _checks.features("text_features", text_features, a, "image_features")
@@ -130,10 +130,9 @@ def siglip_loss(
     if name == "reference":
         return reference.siglip_loss(a, b, scale, bias)
 
-    row, _ = contrastive_stats(a, b, scale, bias, True, False, name)
-    s, bf = _as_f32(scale), _as_f32(bias)
-    pos = s * (a.float() * b[: a.shape[0]].float()).sum(1) + bf
-    return (row.sum() - pos.sum()) / a.shape[0]
+    positives = torch.arange(a.shape[0], device=a.device)
+    row, _ = contrastive_stats(a, b, scale, bias, positives, True, False, name)
+    return (row.sum() / a.shape[0]).float()
 
 
 def _scale_bias_smoothing(logit_scale, logit_bias, label_smoothing, device):

@@ -25,30 +25,55 @@ def _scalars(scale: Tensor, bias: Optional[Tensor]):
     return scale.float().reshape(()), (bias.float().reshape(()) if bias is not None else 0.0)
 
 
-def stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], sigmoid: bool, with_cols: bool):
-    """a: (N, D), b: (M, D) → row (N,) and col (M,) or (0,), fp32 (see contrastive_cpu.h)."""
+def _sigmoid_signs(z: Tensor, positives: Optional[Tensor], i0: int, i1: int) -> Tensor:
+    """−t for the chunk's rows: +1 everywhere but −1 at each row's positive column (if in range)."""
+    signs = torch.ones_like(z)
+    if positives is not None:
+        pos = positives[i0:i1]
+        rows = torch.nonzero((pos >= 0) & (pos < z.shape[1]))[:, 0]
+        signs[rows, pos[rows]] = -1.0
+    return signs
+
+
+def stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives: Optional[Tensor], sigmoid: bool,
+          with_cols: bool):
+    """a: (N, D), b: (M, D) → row (N,) and col (M,) or (0,), fp64 (see contrastive_cpu.h)."""
     a32, b32 = a.float(), b.float()
     s, bb = _scalars(scale, bias)
     rows, col = [], None
     for i0, i1 in _chunks(a.shape[0], b.shape[0]):
         z = s * (a32[i0:i1] @ b32.T) + bb
         if sigmoid:
-            rows.append(F.softplus(z).sum(1))
+            rows.append(F.softplus(_sigmoid_signs(z, positives, i0, i1) * z).sum(1, dtype=torch.float64))
             continue
-        rows.append(torch.logsumexp(z, 1))
+        rows.append(_logsumexp64(z, 1))
         if with_cols:
-            part = torch.logsumexp(z, 0)
+            part = _logsumexp64(z, 0)
             col = part if col is None else torch.logaddexp(col, part)
     if col is None:
-        col = a32.new_empty(0)
+        col = a32.new_empty(0, dtype=torch.float64)
     return torch.cat(rows), col
 
 
-def grad(a, b, scale, bias, row, col, grad_row, grad_col, sigmoid: bool, need_a: bool, need_b: bool):
-    """G = wr·exp(Z − r) + wc·exp(Z − c) (or wr·σ(Z)) chunk by chunk → (dA, dB, ds, db)."""
+def _logsumexp64(z: Tensor, dim: int) -> Tensor:
+    """logsumexp of fp32 z, returned in fp64 (the max is exact, the sum of exps fp32)."""
+    top = z.amax(dim, keepdim=True)
+    return top.squeeze(dim).double() + torch.exp(z - top).sum(dim).double().log()
+
+
+def _hi_lo(x: Tensor):
+    """fp64 x as two fp32 parts, x ≈ hi + lo: z − hi − lo keeps x's precision."""
+    hi = x.float()
+    return hi, (x - hi.double()).float()
+
+
+def grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid: bool, need_a: bool, need_b: bool):
+    """G = wr·exp(Z − r) + wc·exp(Z − c) (or −t·wr·σ(−t·Z)) chunk by chunk → (dA, dB, ds, db)."""
     a32, b32 = a.float(), b.float()
     s, bb = _scalars(scale, bias)
     with_cols = not sigmoid and col.numel() > 0
+    row_hi, row_lo = _hi_lo(row)
+    col_hi, col_lo = _hi_lo(col)
     da = torch.zeros_like(a32) if need_a else a32.new_empty(0)
     db = torch.zeros_like(b32) if need_b else b32.new_empty(0)
     ds = torch.zeros((), dtype=torch.float64, device=a.device)
@@ -58,11 +83,12 @@ def grad(a, b, scale, bias, row, col, grad_row, grad_col, sigmoid: bool, need_a:
         z = s * p + bb
         wr = grad_row[i0:i1, None].float()
         if sigmoid:
-            g = wr * torch.sigmoid(z)
+            signs = _sigmoid_signs(z, positives, i0, i1)
+            g = signs * wr * torch.sigmoid(signs * z)
         else:
-            g = wr * torch.exp(z - row[i0:i1, None])
+            g = wr * torch.exp(z - row_hi[i0:i1, None] - row_lo[i0:i1, None])
             if with_cols:
-                g += grad_col[None].float() * torch.exp(z - col[None])
+                g += grad_col[None].float() * torch.exp(z - col_hi[None] - col_lo[None])
         ds += (g * p).sum(dtype=torch.float64)
         dbias += g.sum(dtype=torch.float64)
         if need_a:

@@ -1,0 +1,268 @@
+"""The `triton` backend of the contrastive primitives (same contract as csrc/contrastive_cpu.h).
+
+Z = s·A·Bᵀ + b, A: (N, D), B: (M, D), is formed tile by tile in registers and never stored.
+
+stats (one sweep, 2·N·M·D FLOPs): a program owns row blocks (persistently: program p takes row
+  blocks p, p + P, ...) and walks every column tile, merging the rows' (max, sum of exp) online.
+  Column statistics come from the same tiles: each program keeps a running (max, sum) per column
+  in a (P, M) buffer it alone writes, merged over programs afterwards. P ≤ 4 × the SM count, so the
+  buffer is at most 8·P·M bytes (P = 528 on an H100/H200: 4.2 KB per column), whatever N is.
+grad (one sweep, 6·N·M·D FLOPs): a program owns a row block, recomputes each tile of Z, forms G in
+  fp32, adds s·G·B_tile into its own rows of dA (plain read-modify-write: no other program writes
+  them) and s·Gᵀ·A_rows into dB with fp32 atomics; the column tiles are walked from a different
+  start in each program, so the atomics of concurrent programs mostly hit different rows of dB.
+  ds = Σ G∘(A·Bᵀ) and db = Σ G are reduced in the same pass (one atomic per program).
+
+Precision: bf16/fp16 tiles go to tensor cores with fp32 accumulation, G is cast to the input dtype
+for its two GEMMs (as PyTorch's own bf16 backward does); fp32 inputs use TF32 only where torch
+would (torch.get_float32_matmul_precision() != "highest"). Offsets are int64 throughout.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Triton 3.9's CPU interpreter multiplies bf16/fp16 tiles wrongly in tl.dot; there, _mm upcasts
+# them to fp32 first, which gives the same products (fp32 accumulation, as on tensor cores).
+UPCAST_DOTS = tl.constexpr(INTERPRET)
+
+if INTERPRET:
+    # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
+    _STATS_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+    _GRAD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32})]
+else:
+    # 128×128 tiles with 3-4 stages and 8 warps for Hopper; 64×64 ones that also fit older GPUs.
+    _STATS_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    ]
+    _GRAD_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+    ]
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """a·b with fp32 accumulation."""
+    if UPCAST_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) tile of A·Bᵀ in fp32; rows/cols int64, out-of-range ones read as 0."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=(rows[:, None] >= 0) & (ks[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * D + ks[:, None], mask=(cols[None, :] >= 0) & (ks[:, None] < D), other=0.0)
+        acc += _mm(a, b, PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile_indices(block, limit, BLOCK: tl.constexpr):
+    """int64 indices of a block, -1 past the end (masks and loads key off idx >= 0). block·BLOCK
+    itself fits in int32 (it is below N + BLOCK); products with D are formed in int64."""
+    idx = tl.arange(0, BLOCK).to(tl.int64) + block * BLOCK
+    return tl.where(idx < limit, idx, -1)
+
+
+@triton.autotune(configs=_STATS_CONFIGS, key=["D"])
+@triton.jit
+def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
+                  N, M, D, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    s = tl.load(scale_ptr).to(tl.float32)
+    b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    for row_block in range(pid, tl.cdiv(N, BLOCK_M), programs):
+        rows = _tile_indices(row_block, N, BLOCK_M)
+        pos = tl.load(pos_ptr + rows, mask=rows >= 0, other=-1) if HAS_POS else tl.full((BLOCK_M,), -1, tl.int64)
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        for col_block in range(0, tl.cdiv(M, BLOCK_N)):
+            cols = _tile_indices(col_block, M, BLOCK_N)
+            valid = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+            z = s * _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
+            z = tl.where(valid, z, float("-inf"))
+            if SIGMOID:
+                # softplus(-t·z) with t = +1 at the row's positive, -1 elsewhere; 0 at z = -inf.
+                z = tl.where(cols[None, :] == pos[:, None], -z, z)
+                row_sum += tl.sum(tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z))), axis=1)
+            else:
+                new_max = tl.maximum(row_max, tl.max(z, axis=1))
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past N: keep exp finite
+                row_sum = row_sum * tl.exp(row_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+                row_max = new_max
+                if WITH_COLS:
+                    tile_max = tl.max(z, axis=0)
+                    tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+                    tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0)
+                    slot = pid.to(tl.int64) * M + cols
+                    if row_block == pid:  # this program's first row block: its partial starts here
+                        tl.store(col_max_ptr + slot, tile_max, mask=cols >= 0)
+                        tl.store(col_sum_ptr + slot, tile_sum, mask=cols >= 0)
+                    else:
+                        old_max = tl.load(col_max_ptr + slot, mask=cols >= 0, other=float("-inf"))
+                        old_sum = tl.load(col_sum_ptr + slot, mask=cols >= 0, other=0.0)
+                        mx = tl.maximum(old_max, tile_max)
+                        mref = tl.where(mx == float("-inf"), 0.0, mx)
+                        tl.store(col_sum_ptr + slot, old_sum * tl.exp(old_max - mref) + tile_sum * tl.exp(tile_max - mref),
+                                 mask=cols >= 0)
+                        tl.store(col_max_ptr + slot, mx, mask=cols >= 0)
+        tl.store(row_max_ptr + rows, row_max, mask=rows >= 0)
+        tl.store(row_sum_ptr + rows, row_sum, mask=rows >= 0)
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["D"], reset_to_zero=["da_ptr", "db_ptr", "sums_ptr"])
+@triton.jit
+def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, wr_ptr, wc_ptr, da_ptr, db_ptr,
+                 sums_ptr, N, M, D, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_POS: tl.constexpr,
+                 NEED_A: tl.constexpr, NEED_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    s = tl.load(scale_ptr).to(tl.float32)
+    b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    rows = _tile_indices(pid, N, BLOCK_M)
+    wr = tl.load(wr_ptr + rows, mask=rows >= 0, other=0.0)
+    pos = tl.load(pos_ptr + rows, mask=rows >= 0, other=-1) if HAS_POS else tl.full((BLOCK_M,), -1, tl.int64)
+    # The fp64 row statistic as hi + lo fp32 parts, so z - hi - lo keeps its precision (unused by sigmoid).
+    r = tl.load(row_ptr + rows, mask=rows >= 0, other=0.0)
+    r_hi = r.to(tl.float32)
+    r_lo = (r - r_hi.to(tl.float64)).to(tl.float32)
+    scale_grad = tl.zeros((BLOCK_M,), tl.float32)
+    bias_grad = tl.zeros((BLOCK_M,), tl.float32)
+    col_blocks = tl.cdiv(M, BLOCK_N)
+    for step in range(0, col_blocks):
+        cols = _tile_indices((step + pid) % col_blocks, M, BLOCK_N)
+        valid = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+        p = _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        z = s * p + b
+        if SIGMOID:
+            # d softplus(-t·z)/dz = -t·σ(-t·z): σ(z) for negatives, -σ(-z) for the positive.
+            positive = cols[None, :] == pos[:, None]
+            g = wr[:, None] * tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
+        else:
+            g = wr[:, None] * tl.exp(z - r_hi[:, None] - r_lo[:, None])
+            if WITH_COLS:
+                c = tl.load(col_ptr + cols, mask=cols >= 0, other=0.0)
+                c_hi = c.to(tl.float32)
+                c_lo = (c - c_hi.to(tl.float64)).to(tl.float32)
+                wc = tl.load(wc_ptr + cols, mask=cols >= 0, other=0.0)
+                g += wc[None, :] * tl.exp(z - c_hi[None, :] - c_lo[None, :])
+        g = tl.where(valid, g, 0.0)
+        scale_grad += tl.sum(g * p, axis=1)
+        bias_grad += tl.sum(g, axis=1)
+        g_in = g.to(a_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            if NEED_A:
+                keys = tl.load(b_ptr + cols[:, None] * D + ds[None, :], mask=(cols[:, None] >= 0) & (ds[None, :] < D), other=0.0)
+                da_slot = da_ptr + rows[:, None] * D + ds[None, :]
+                da_mask = (rows[:, None] >= 0) & (ds[None, :] < D)
+                da = tl.load(da_slot, mask=da_mask, other=0.0)
+                tl.store(da_slot, da + s * _mm(g_in, keys, PRECISION), mask=da_mask)
+            if NEED_B:
+                queries = tl.load(a_ptr + rows[:, None] * D + ds[None, :], mask=(rows[:, None] >= 0) & (ds[None, :] < D), other=0.0)
+                update = s * _mm(tl.trans(g_in), queries, PRECISION)
+                tl.atomic_add(db_ptr + cols[:, None] * D + ds[None, :], update, mask=(cols[:, None] >= 0) & (ds[None, :] < D))
+    tl.atomic_add(sums_ptr, tl.sum(scale_grad, axis=0))
+    tl.atomic_add(sums_ptr + 1, tl.sum(bias_grad, axis=0))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored for bf16/fp16 tiles, which always run on tensor cores
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: two programs already exercise the persistent loop and the merge
+
+
+def _scalar_args(scale: Tensor, bias: Optional[Tensor]):
+    scale = scale.reshape(()).float()
+    return scale, (bias.reshape(()).float() if bias is not None else scale)
+
+
+@triton_op("mmfast::triton_contrastive_stats", mutates_args=())
+def triton_contrastive_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives: Optional[Tensor],
+                             sigmoid: bool, with_cols: bool) -> tuple[Tensor, Tensor]:
+    """a: (N, D), b: (M, D) → row (N,), col (M,) or (0,), fp64 (see contrastive_cpu.h)."""
+    a, b = a.contiguous(), b.contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    with_cols = with_cols and not sigmoid
+    s, bias_arg = _scalar_args(scale, bias)
+    has_pos = sigmoid and positives is not None
+    row_max = a.new_empty(n, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
+    programs = min(_max_programs(a.device), triton.cdiv(n, 32))
+    # Column partials (max, sum) per program; a program that gets no row block leaves (-inf, 0).
+    col_max = torch.full((programs if with_cols else 1, m), float("-inf"), dtype=torch.float32, device=a.device)
+    col_sum = torch.zeros_like(col_max)
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(n, meta["BLOCK_M"])),)
+
+    wrap_triton(_stats_kernel)[grid](
+        a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
+        n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+        PRECISION=_precision(a.dtype),
+    )
+    if sigmoid:
+        return row_sum.double(), a.new_empty(0, dtype=torch.float64)
+    row = row_max.double() + row_sum.double().log()
+    if not with_cols:
+        return row, a.new_empty(0, dtype=torch.float64)
+    top = col_max.max(0).values
+    return row, top.double() + (col_sum.double() * torch.exp(col_max - top).double()).sum(0).log()
+
+
+@triton_op("mmfast::triton_contrastive_grad", mutates_args=())
+def triton_contrastive_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives: Optional[Tensor],
+                            row: Tensor, col: Tensor, grad_row: Tensor, grad_col: Tensor, sigmoid: bool, need_a: bool,
+                            need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """→ (da (N, D) or (0,), db (M, D) or (0,), dscale [], dbias []) (see contrastive_cpu.h)."""
+    a, b = a.contiguous(), b.contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    with_cols = not sigmoid and col.numel() > 0
+    has_pos = sigmoid and positives is not None
+    s, bias_arg = _scalar_args(scale, bias)
+    da = torch.zeros((n, d) if need_a else (1,), dtype=torch.float32, device=a.device)
+    db = torch.zeros((m, d) if need_b else (1,), dtype=torch.float32, device=a.device)
+    sums = torch.zeros(2, dtype=torch.float32, device=a.device)
+    row64 = row.double().contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]),)
+
+    wrap_triton(_grad_kernel)[grid](
+        a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
+        col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
+        grad_col.float().contiguous() if with_cols else row64, da, db, sums, n, m, d,
+        SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+        NEED_A=need_a, NEED_B=need_b, PRECISION=_precision(a.dtype),
+    )
+    da = da.to(a.dtype) if need_a else a.new_empty(0)
+    db = db.to(b.dtype) if need_b else b.new_empty(0)
+    return da, db, sums[0].clone(), sums[1].clone()
