@@ -36,15 +36,19 @@ UPCAST_DOTS = tl.constexpr(INTERPRET)
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
-    _STATS_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+    _STATS_BLOCK_M = 32
+    _STATS_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})]
     _GRAD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32})]
 else:
-    # 128×128 tiles with 3-4 stages and 8 warps for Hopper; 64×64 ones that also fit older GPUs.
+    # 128×128 tiles with 3-4 stages and 8 warps for Hopper; smaller ones that also fit older GPUs.
+    # BLOCK_M is the same in every stats config: it fixes the grid, hence which rows of the column
+    # partials a run writes, and every config the autotuner tries must overwrite the same rows.
+    _STATS_BLOCK_M = 128
     _STATS_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
     ]
     _GRAD_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
@@ -216,18 +220,14 @@ def triton_contrastive_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional
     has_pos = sigmoid and positives is not None
     row_max = a.new_empty(n, dtype=torch.float32)
     row_sum = torch.empty_like(row_max)
-    programs = min(_max_programs(a.device), triton.cdiv(n, 32))
-    # Column partials (max, sum) per program; a program that gets no row block leaves (-inf, 0).
-    col_max = torch.full((programs if with_cols else 1, m), float("-inf"), dtype=torch.float32, device=a.device)
-    col_sum = torch.zeros_like(col_max)
-
-    def grid(meta):
-        return (min(programs, triton.cdiv(n, meta["BLOCK_M"])),)
-
-    wrap_triton(_stats_kernel)[grid](
+    programs = min(_max_programs(a.device), triton.cdiv(n, _STATS_BLOCK_M))
+    # Column partials (max, sum), one row per program; each program writes all of its row.
+    col_max = a.new_empty((programs if with_cols else 1, m), dtype=torch.float32)
+    col_sum = torch.empty_like(col_max)
+    wrap_triton(_stats_kernel)[(programs,)](
         a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
         n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-        PRECISION=_precision(a.dtype),
+        PRECISION=_precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
     )
     if sigmoid:
         return row_sum.double(), a.new_empty(0, dtype=torch.float64)

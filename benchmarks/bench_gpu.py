@@ -1,0 +1,136 @@
+"""clip_loss forward+backward on one CUDA GPU, bf16: mmfast's triton backend against the reference,
+open_clip's ClipLoss, Inf-CL (when installed), and torch.compile of the reference.
+
+    python benchmarks/bench_gpu.py [--quick] [--out DIR]
+
+Also measures the machine's bf16 matmul peak (torch.mm, 8192³), so each row's effective TFLOP/s
+(8·N²·D counted for every implementation) comes with its ratio to that peak. Times are medians
+of CUDA-event timings; memory is torch.cuda.max_memory_allocated over the inputs. An out-of-memory
+is recorded as such.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+import peers  # noqa: E402
+
+
+def cuda_time(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def matmul_peak(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    times = cuda_time(lambda: a @ b, 3, 10)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def loss_fns():
+    import mmfast
+    from mmfast.contrastive import reference
+
+    fns = {
+        "mmfast-triton": lambda a, b, s: mmfast.clip_loss(a, b, s, backend="triton"),
+        "reference": lambda a, b, s: mmfast.clip_loss(a, b, s, backend="reference"),
+    }
+    oc = peers.open_clip_loss()
+    if oc is not None:
+        fns["open_clip"] = oc.ClipLoss()
+    try:
+        from inf_cl import cal_inf_loss
+
+        fns["inf_cl"] = lambda a, b, s: 0.5 * (cal_inf_loss(a, b, scale=s) + cal_inf_loss(b, a, scale=s))
+    except ImportError:
+        pass
+    compiled = torch.compile(lambda a, b, s: reference.clip_loss(a, b, s, None, 0.0, "mean"), dynamic=True)
+    fns["compiled-reference"] = compiled
+    return fns
+
+
+def run_case(fn, n: int, d: int, repeats: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
+    scale = torch.tensor(100.0, device="cuda", requires_grad=True)
+
+    def step():
+        a.grad = b.grad = scale.grad = None
+        fn(a, b, scale).backward()
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        times = cuda_time(step, 1, repeats)
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        a.grad = b.grad = scale.grad = None
+        torch.cuda.empty_cache()
+    return {"times_s": times, "median_s": statistics.median(times),
+            "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N ∈ {8192, 65536}, D = 512, 3 repeats")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    sizes = [(8192, 512), (65536, 512)] if args.quick else [
+        (n, d) for d in (512, 1024) for n in (8192, 32768, 65536, 131072)]
+    repeats = 3 if args.quick else 5
+    peak = matmul_peak()
+    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for n, d in sizes:
+        results = {}
+        for name, fn in loss_fns().items():
+            print(f"  N={n} D={d} {name} ...", file=sys.stderr, flush=True)
+            results[name] = run_case(fn, n, d, repeats)
+        for name, r in results.items():
+            row = {"impl": name, "N": n, "D": d, **r}
+            if "median_s" in r:
+                row["tflops"] = 8 * n * n * d / r["median_s"] / 1e12
+                row["of_peak"] = row["tflops"] / peak
+                row["extra_peak_mb"] = r["extra_peak_bytes"] / 2**20
+                for base in ("open_clip", "inf_cl"):
+                    if "median_s" in results.get(base, {}):
+                        row[f"speedup_vs_{base}"] = results[base]["median_s"] / r["median_s"]
+                if results.get("open_clip", {}).get("extra_peak_bytes"):
+                    row["mem_vs_open_clip"] = r["extra_peak_bytes"] / results["open_clip"]["extra_peak_bytes"]
+            rows.append(row)
+    machine = {**harness.machine(), "gpu": torch.cuda.get_device_name(0), "bf16_matmul_peak_tflops": peak}
+    payload = {"bench": "clip_loss fwd+bwd", "device": "cuda", "dtype": "bfloat16", "machine": machine,
+               "flops_counted": "8*N*N*D", "rows": rows}
+    path = harness.write_results("contrastive-gpu", payload, args.out)
+    print(harness.table(rows, [
+        ("impl", "impl", ""), ("N", "N", "d"), ("D", "D", "d"), ("median ms", "median_s", ".4f"),
+        ("TFLOP/s", "tflops", ".0f"), ("of peak", "of_peak", ".2f"), ("extra MB", "extra_peak_mb", ".0f"),
+        ("x open_clip", "speedup_vs_open_clip", ".2f"), ("x inf_cl", "speedup_vs_inf_cl", ".2f"),
+        ("mem/open_clip", "mem_vs_open_clip", ".3f"), ("error", "error", ""),
+    ]))
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

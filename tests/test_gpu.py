@@ -1,0 +1,76 @@
+"""The gpu tier (pytest -m gpu): every backend that runs on CUDA against the float64 reference at
+medium sizes, and the memory bound on the device. Skipped without a CUDA GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmfast
+from tests import oracle
+from tests.helpers import features, loss_and_grads, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+]
+
+CUDA_BACKENDS = ["triton", "torch", "reference"]
+
+
+def _check(ours, ref, tensors, dtype, eager=None):
+    """fp32: 5e-4 relative (TF32 may serve fp32 matmuls on GPU); bf16/fp16: 2× eager's error."""
+    cuda = [t.to("cuda") for t in tensors]
+    cuda = [t.to(dtype) if t.dim() == 2 else t for t in cuda]
+    out = loss_and_grads(ours, cuda)
+    exp = loss_and_grads(ref, [t.double().cpu() for t in cuda])
+    if dtype == torch.float32:
+        tols = [5e-4] * len(out)
+    else:
+        tols = [2 * rel_err(e.cpu(), r) + 1e-6 for e, r in zip(loss_and_grads(eager, cuda), exp)]
+    for o, r, tol in zip(out, exp, tols):
+        assert rel_err(o.cpu(), r, floor=1.0) <= tol
+
+
+def _eager_clip(a, b, s):
+    z = s.to(a.dtype) * (a @ b.T)
+    t = torch.arange(z.shape[0], device=z.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(z, t) + torch.nn.functional.cross_entropy(z.T, t))
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(1000, 200), (4097, 512), (777, 1100)])
+def test_clip_loss_cuda(backend, dtype, n, d):
+    tensors = [features(n, d), features(n, d), torch.tensor(50.0)]
+    _check(lambda a, b, s: mmfast.clip_loss(a, b, s, backend=backend), oracle.clip_loss, tensors, dtype, _eager_clip)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_infonce_and_siglip_cuda(backend):
+    q, k, neg = features(900, 130), features(1300, 130), features(2000, 130)
+    labels = torch.randint(0, 1300, (900,), device="cuda")
+
+    def ours(q, k, s, neg):
+        return mmfast.infonce_loss(q, k, s, labels=labels, negatives=neg, label_smoothing=0.1, backend=backend)
+
+    def ref(q, k, s, neg):
+        return oracle.infonce_loss(q, k, s, labels.cpu(), neg, 0.1)
+
+    _check(ours, ref, [q, k, torch.tensor(20.0), neg], torch.float32)
+    a, b = features(1500, 96), features(1500, 96)
+    _check(lambda a, b, s, bi: mmfast.siglip_loss(a, b, s, bi, backend=backend), oracle.siglip_loss,
+           [a, b, torch.tensor(10.0), torch.tensor(-10.0)], torch.float32)
+
+
+def test_triton_memory_has_no_nxn_buffer():
+    n, d = 32768, 512
+    a = features(n, d, torch.bfloat16).cuda().requires_grad_()
+    b = features(n, d, torch.bfloat16).cuda().requires_grad_()
+    s = torch.tensor(100.0, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mmfast.clip_loss(a, b, s, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < n * n * 2 / 50, f"{extra / 2**20:.0f} MiB extra, an N×N bf16 buffer is {n * n * 2 / 2**20:.0f} MiB"
