@@ -67,24 +67,44 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _wide(x):
+    """x as int64: block starts times D can pass 2^31, so they are formed as 64-bit scalars once
+    per tile; offsets inside a tile stay int32 (cheap in registers)."""
+    return x + tl.full([], 0, tl.int64)
+
+
+@triton.jit
+def _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) tile of A·Bᵀ in fp32; rows/cols int64, out-of-range ones read as 0."""
+    """(BLOCK_M, BLOCK_N) tile of A·Bᵀ from rows row0… and columns col0…, fp32; past N, M and D reads 0."""
+    a_rows = a_ptr + _wide(row0) * D
+    b_rows = b_ptr + _wide(col0) * D
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=(rows[:, None] >= 0) & (ks[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * D + ks[:, None], mask=(cols[None, :] >= 0) & (ks[:, None] < D), other=0.0)
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + r[:, None] * D + k[None, :], mask=(r[:, None] < N - row0) & (k[None, :] < D), other=0.0)
+        b = tl.load(b_rows + c[None, :] * D + k[:, None], mask=(c[None, :] < M - col0) & (k[:, None] < D), other=0.0)
         acc += _mm(a, b, PRECISION)
     return acc
 
 
 @triton.jit
-def _tile_indices(block, limit, BLOCK: tl.constexpr):
-    """int64 indices of a block, -1 past the end (masks and loads key off idx >= 0). block·BLOCK
-    itself fits in int32 (it is below N + BLOCK); products with D are formed in int64."""
-    idx = tl.arange(0, BLOCK).to(tl.int64) + block * BLOCK
-    return tl.where(idx < limit, idx, -1)
+def _pad(count, BLOCK: tl.constexpr):
+    """(BLOCK,): 0 for the first `count` entries, -inf after. Added to Z, it makes exp and sigmoid
+    of the padding exactly 0 (cheaper in registers than a 2-D mask)."""
+    return tl.where(tl.arange(0, BLOCK) < count, 0.0, float("-inf"))
+
+
+@triton.jit
+def _positives(pos_ptr, row0, N, M, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's positive column (an index into B), -2 for none or padding (never a column index)."""
+    if HAS_POS:
+        r = tl.arange(0, BLOCK_M)
+        pos = tl.load(pos_ptr + row0 + r, mask=r < N - row0, other=-2)
+        return tl.where((pos >= 0) & (pos < M), pos, -2)
+    return tl.full((BLOCK_M,), -2, tl.int64)
 
 
 @triton.autotune(configs=_STATS_CONFIGS, key=["D"])
@@ -96,19 +116,20 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
     programs = tl.num_programs(0)
     s = tl.load(scale_ptr).to(tl.float32)
     b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
     for row_block in range(pid, tl.cdiv(N, BLOCK_M), programs):
-        rows = _tile_indices(row_block, N, BLOCK_M)
-        pos = tl.load(pos_ptr + rows, mask=rows >= 0, other=-1) if HAS_POS else tl.full((BLOCK_M,), -1, tl.int64)
+        row0 = row_block * BLOCK_M
+        row_pad = _pad(N - row0, BLOCK_M)
+        pos = _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), tl.float32)
-        for col_block in range(0, tl.cdiv(M, BLOCK_N)):
-            cols = _tile_indices(col_block, M, BLOCK_N)
-            valid = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-            z = s * _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
-            z = tl.where(valid, z, float("-inf"))
+        for col0 in range(0, M, BLOCK_N):
+            z = s * _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
+            z = z + row_pad[:, None] + _pad(M - col0, BLOCK_N)[None, :]
             if SIGMOID:
                 # softplus(-t·z) with t = +1 at the row's positive, -1 elsewhere; 0 at z = -inf.
-                z = tl.where(cols[None, :] == pos[:, None], -z, z)
+                z = tl.where((col0 + c)[None, :] == pos[:, None], -z, z)
                 row_sum += tl.sum(tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z))), axis=1)
             else:
                 new_max = tl.maximum(row_max, tl.max(z, axis=1))
@@ -119,75 +140,81 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
                     tile_max = tl.max(z, axis=0)
                     tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
                     tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0)
-                    slot = pid.to(tl.int64) * M + cols
+                    slot = _wide(pid) * M + col0 + c
+                    in_range = c < M - col0
                     if row_block == pid:  # this program's first row block: its partial starts here
-                        tl.store(col_max_ptr + slot, tile_max, mask=cols >= 0)
-                        tl.store(col_sum_ptr + slot, tile_sum, mask=cols >= 0)
+                        tl.store(col_max_ptr + slot, tile_max, mask=in_range)
+                        tl.store(col_sum_ptr + slot, tile_sum, mask=in_range)
                     else:
-                        old_max = tl.load(col_max_ptr + slot, mask=cols >= 0, other=float("-inf"))
-                        old_sum = tl.load(col_sum_ptr + slot, mask=cols >= 0, other=0.0)
+                        old_max = tl.load(col_max_ptr + slot, mask=in_range, other=float("-inf"))
+                        old_sum = tl.load(col_sum_ptr + slot, mask=in_range, other=0.0)
                         mx = tl.maximum(old_max, tile_max)
                         mref = tl.where(mx == float("-inf"), 0.0, mx)
                         tl.store(col_sum_ptr + slot, old_sum * tl.exp(old_max - mref) + tile_sum * tl.exp(tile_max - mref),
-                                 mask=cols >= 0)
-                        tl.store(col_max_ptr + slot, mx, mask=cols >= 0)
-        tl.store(row_max_ptr + rows, row_max, mask=rows >= 0)
-        tl.store(row_sum_ptr + rows, row_sum, mask=rows >= 0)
+                                 mask=in_range)
+                        tl.store(col_max_ptr + slot, mx, mask=in_range)
+        tl.store(row_max_ptr + row0 + r, row_max, mask=r < N - row0)
+        tl.store(row_sum_ptr + row0 + r, row_sum, mask=r < N - row0)
 
 
 @triton.autotune(configs=_GRAD_CONFIGS, key=["D"], reset_to_zero=["da_ptr", "db_ptr", "sums_ptr"])
 @triton.jit
 def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, wr_ptr, wc_ptr, da_ptr, db_ptr,
                  sums_ptr, N, M, D, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_POS: tl.constexpr,
-                 NEED_A: tl.constexpr, NEED_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HAS_POS: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     s = tl.load(scale_ptr).to(tl.float32)
     b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
-    rows = _tile_indices(pid, N, BLOCK_M)
-    wr = tl.load(wr_ptr + rows, mask=rows >= 0, other=0.0)
-    pos = tl.load(pos_ptr + rows, mask=rows >= 0, other=-1) if HAS_POS else tl.full((BLOCK_M,), -1, tl.int64)
+    row0 = pid * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = r < N - row0
+    row_pad = _pad(N - row0, BLOCK_M)
+    wr = tl.load(wr_ptr + row0 + r, mask=row_ok, other=0.0)
+    pos = _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)
     # The fp64 row statistic as hi + lo fp32 parts, so z - hi - lo keeps its precision (unused by sigmoid).
-    r = tl.load(row_ptr + rows, mask=rows >= 0, other=0.0)
-    r_hi = r.to(tl.float32)
-    r_lo = (r - r_hi.to(tl.float64)).to(tl.float32)
+    row_stat = tl.load(row_ptr + row0 + r, mask=row_ok, other=0.0)
+    r_hi = row_stat.to(tl.float32)
+    r_lo = (row_stat - r_hi.to(tl.float64)).to(tl.float32)
+    a_rows = a_ptr + _wide(row0) * D
+    da_rows = da_ptr + _wide(row0) * D
     scale_grad = tl.zeros((BLOCK_M,), tl.float32)
     bias_grad = tl.zeros((BLOCK_M,), tl.float32)
     col_blocks = tl.cdiv(M, BLOCK_N)
     for step in range(0, col_blocks):
-        cols = _tile_indices((step + pid) % col_blocks, M, BLOCK_N)
-        valid = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-        p = _unscaled_logits(a_ptr, b_ptr, rows, cols, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        z = s * p + b
+        col0 = (step + pid) % col_blocks * BLOCK_N
+        col_ok = c < M - col0
+        p = _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        z = s * p + b + row_pad[:, None] + _pad(M - col0, BLOCK_N)[None, :]  # p is 0 in the padding: so is G·p
         if SIGMOID:
             # d softplus(-t·z)/dz = -t·σ(-t·z): σ(z) for negatives, -σ(-z) for the positive.
-            positive = cols[None, :] == pos[:, None]
+            positive = (col0 + c)[None, :] == pos[:, None]
             g = wr[:, None] * tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
         else:
             g = wr[:, None] * tl.exp(z - r_hi[:, None] - r_lo[:, None])
             if WITH_COLS:
-                c = tl.load(col_ptr + cols, mask=cols >= 0, other=0.0)
-                c_hi = c.to(tl.float32)
-                c_lo = (c - c_hi.to(tl.float64)).to(tl.float32)
-                wc = tl.load(wc_ptr + cols, mask=cols >= 0, other=0.0)
+                col_stat = tl.load(col_ptr + col0 + c, mask=col_ok, other=0.0)
+                c_hi = col_stat.to(tl.float32)
+                c_lo = (col_stat - c_hi.to(tl.float64)).to(tl.float32)
+                wc = tl.load(wc_ptr + col0 + c, mask=col_ok, other=0.0)
                 g += wc[None, :] * tl.exp(z - c_hi[None, :] - c_lo[None, :])
-        g = tl.where(valid, g, 0.0)
         scale_grad += tl.sum(g * p, axis=1)
         bias_grad += tl.sum(g, axis=1)
         g_in = g.to(a_ptr.dtype.element_ty)
+        b_rows = b_ptr + _wide(col0) * D
+        db_rows = db_ptr + _wide(col0) * D
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
+            k = d0 + tl.arange(0, BLOCK_D)
             if NEED_A:
-                keys = tl.load(b_ptr + cols[:, None] * D + ds[None, :], mask=(cols[:, None] >= 0) & (ds[None, :] < D), other=0.0)
-                da_slot = da_ptr + rows[:, None] * D + ds[None, :]
-                da_mask = (rows[:, None] >= 0) & (ds[None, :] < D)
-                da = tl.load(da_slot, mask=da_mask, other=0.0)
-                tl.store(da_slot, da + s * _mm(g_in, keys, PRECISION), mask=da_mask)
+                keys = tl.load(b_rows + c[:, None] * D + k[None, :], mask=col_ok[:, None] & (k[None, :] < D), other=0.0)
+                da_mask = row_ok[:, None] & (k[None, :] < D)
+                da = tl.load(da_rows + r[:, None] * D + k[None, :], mask=da_mask, other=0.0)
+                tl.store(da_rows + r[:, None] * D + k[None, :], da + s * _mm(g_in, keys, PRECISION), mask=da_mask)
             if NEED_B:
-                queries = tl.load(a_ptr + rows[:, None] * D + ds[None, :], mask=(rows[:, None] >= 0) & (ds[None, :] < D), other=0.0)
+                queries = tl.load(a_rows + r[:, None] * D + k[None, :], mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
                 update = s * _mm(tl.trans(g_in), queries, PRECISION)
-                tl.atomic_add(db_ptr + cols[:, None] * D + ds[None, :], update, mask=(cols[:, None] >= 0) & (ds[None, :] < D))
+                tl.atomic_add(db_rows + c[:, None] * D + k[None, :], update, mask=col_ok[:, None] & (k[None, :] < D))
     tl.atomic_add(sums_ptr, tl.sum(scale_grad, axis=0))
     tl.atomic_add(sums_ptr + 1, tl.sum(bias_grad, axis=0))
 
