@@ -7,6 +7,8 @@ backend asked for by name that cannot run raises; it never falls back silently.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from typing import Optional
 
@@ -14,12 +16,19 @@ import torch
 
 BACKENDS = ("reference", "torch", "cpu", "triton")
 
-try:
-    from mmfast import _C  # noqa: F401  (importing registers the torch.ops.mmfast.cpu_* kernels)
+def _load_extension() -> Optional[str]:
+    """Imports mmfast._C (which registers the torch.ops.mmfast.cpu_* kernels); why not, or None."""
+    if importlib.util.find_spec("mmfast._C") is None:
+        return ("mmfast._C is not built (installed with MMFAST_BUILD_EXT=0, or its build failed); "
+                "build it with `pip install --no-build-isolation -e .`")
+    try:
+        importlib.import_module("mmfast._C")
+    except ImportError as exc:  # built against another torch, say
+        return f"mmfast._C does not load: {exc}"
+    return None
 
-    EXT_ERROR: Optional[str] = None
-except ImportError as exc:  # built with MMFAST_BUILD_EXT=0, or the build failed
-    EXT_ERROR = f"mmfast._C is not built ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+
+EXT_ERROR: Optional[str] = _load_extension()
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:

@@ -1,11 +1,10 @@
 """float64 references written from design.md §1.1's formulas, independent of mmfast's code."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+
+from benchmarks.peers import open_clip_loss as open_clip_loss_module  # noqa: F401  (a peer, when installed)
 
 
 def _scalar(v):
@@ -42,15 +41,3 @@ def siglip_loss(a, b, scale, bias):
     z = logits(a, b, scale, bias)
     t = 2 * torch.eye(z.shape[0], z.shape[1], dtype=z.dtype) - 1
     return -F.logsigmoid(t * z).sum() / z.shape[0]
-
-
-def open_clip_loss_module():
-    """open_clip's loss.py loaded on its own (the package imports torchvision), or None."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "loss.py"
-    mod_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
