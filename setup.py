@@ -56,7 +56,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "cmake", "ninja", "pybind11"],
+        "dev": ["pytest", "hypothesis", "cmake", "ninja"],
     },
     ext_modules=[CMakeExtension("mmfast._C")] if build_ext_modules else [],
     cmdclass={"build_ext": CMakeBuild},

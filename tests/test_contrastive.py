@@ -321,7 +321,7 @@ def test_bad_input(call, error, message):
 
 def test_backend_asked_by_name_that_cannot_run_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run: it runs on CUDA tensors"):
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: "):
         mmfast.clip_loss(A, B, 1.0, backend="triton")
 
 
