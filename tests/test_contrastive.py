@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -387,3 +388,30 @@ def test_no_nxn_buffer(backend):
 def test_memory_measure_sees_an_nxn_buffer():
     """The measurement above can fail: the reference backend, which holds the logits, is caught."""
     assert peak_growth("reference") > NXN_BYTES
+
+
+CAPABILITY_SCRIPT = r"""
+import sys, torch, mmfast
+from tests import oracle
+from tests.helpers import features, loss_and_grads, rel_err
+print(torch.ops.mmfast.cpu_capability())
+a, b = features(300, 37), features(300, 37)
+for fn, ref, args in [(mmfast.clip_loss, oracle.clip_loss, [a, b, torch.tensor(30.0)]),
+                      (mmfast.siglip_loss, oracle.siglip_loss, [a, b, torch.tensor(10.0), torch.tensor(-10.0)])]:
+    out = loss_and_grads(lambda *t: fn(*t, backend="cpu"), args)
+    exp = loss_and_grads(ref, [t.double() for t in args])
+    print(max(rel_err(o, e) for o, e in zip(out, exp)))
+"""
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="mmfast._C is not built")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_kernel_builds_for_each_instruction_set(capability):
+    """The tile kernels are compiled per instruction set; ATEN_CPU_CAPABILITY selects a narrower one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", CAPABILITY_SCRIPT], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.split()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert lines[0] == capability
+    assert all(float(err) < FP32_TOL for err in lines[1:]), out.stdout
