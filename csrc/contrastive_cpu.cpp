@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grad(
   const at::Tensor a = as_f32(a_in), b = as_f32(b_in);
   const bool with_cols = !sigmoid && col.numel() > 0;
   TORCH_CHECK(row_weight.numel() == a.size(0), "row_weight must have N entries");
+  TORCH_CHECK(sigmoid || row.numel() == a.size(0), "row must have N entries");
   TORCH_CHECK(!with_cols || (col.numel() == b.size(0) && col_weight.numel() == b.size(0)),
               "col and col_weight must have M entries");
   at::Tensor da = need_a ? at::zeros_like(a) : at::Tensor();

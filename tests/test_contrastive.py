@@ -270,13 +270,51 @@ def test_torch_compile_fullgraph(backend):
     assert_close(out, exp, [1e-6] * 5, ["loss", "d_a", "d_b", "d_scale", "d_bias"])
 
 
-def test_torch_compile_inductor():
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_inductor_with_transposed_inputs(backend):
+    """Inductor checks the real outputs' strides against the fakes': transposed features catch a mismatch."""
     torch._dynamo.reset()
-    fn = torch.compile(lambda a, b, s: mmfast.clip_loss(a, b, s), fullgraph=True)
-    tensors = [features(17, 8), features(17, 8), torch.tensor(5.0)]
+    fn = torch.compile(lambda a, b, s: mmfast.clip_loss(a.t(), b.t(), s, backend=backend), fullgraph=True)
+    tensors = [features(8, 17).contiguous(), features(8, 17).contiguous(), torch.tensor(5.0)]
     out = loss_and_grads(fn, tensors)
-    exp = loss_and_grads(lambda a, b, s: oracle.clip_loss(a, b, s), [t.double() for t in tensors])
-    assert_close(out, exp, [FP32_TOL] * 4, ["loss", "d_a", "d_b", "d_scale"])
+    exp = loss_and_grads(lambda a, b, s: oracle.clip_loss(a.t(), b.t(), s), [t.double() for t in tensors])
+    assert_close(out, exp, [FP32_TOL] * 4, ["loss", "d_a", "d_b", "d_scale"], scale=5.0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_autocast_forward_then_fp32_backward(backend):
+    """The usual AMP pattern: forward under autocast, backward outside it. The fused backends
+    compute in fp32 whatever the autocast state, so forward and backward agree."""
+    a, b, s = features(64, 32), features(64, 32), torch.tensor(100.0)
+    leaves = [t.clone().requires_grad_() for t in (a, b, s)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mmfast.clip_loss(*leaves, label_smoothing=0.1, backend=backend)
+    out = [loss] + list(torch.autograd.grad(loss, leaves))
+    exp = loss_and_grads(lambda a, b, s: oracle.clip_loss(a, b, s, eps=0.1), [t.double() for t in (a, b, s)])
+    # the reference backend is autocast's own bf16 computation: held to 5% (bf16 logits at scale 100)
+    tol = 5e-2 if backend == "reference" else FP32_TOL
+    assert_close(out, exp, [tol] * 4, ["loss", "d_a", "d_b", "d_scale"], scale=100.0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_siglip_confident_batch_keeps_precision(backend):
+    """A well-trained SigLIP batch: positives at σ ≈ 1, negatives at σ ≈ 0, the loss ~1e-5. The
+    positives' terms must not come out of a cancellation (softplus(z) − z) or a log(1 + tiny)."""
+    a = features(48, 256)  # D = 256: negatives nearly orthogonal, z ≈ 40·(±0.2) − 25
+    b = a + 0.05 * features(48, 256)
+    tensors = [a, b / b.norm(dim=1, keepdim=True), torch.tensor(40.0), torch.tensor(-25.0)]
+    out = loss_and_grads(lambda a, b, s, bi: mmfast.siglip_loss(a, b, s, bi, backend=backend), tensors)
+    exp = loss_and_grads(oracle.siglip_loss, [t.double() for t in tensors])
+    assert exp[0].item() < 1e-3
+    for o, e, name in zip(out, exp, ["loss", "d_image", "d_text", "d_scale", "d_bias"]):
+        err = rel_err(o, e, floor=0.0)
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_siglip_loss_module_accepts_no_bias():
+    a, b = features(9, 4), features(9, 4)
+    loss = mmfast.nn.SigLipLoss()(a, b, 3.0, None)
+    assert abs(loss.item() - oracle.siglip_loss(a, b, 3.0, None).item()) < 1e-5
 
 
 # ---------------------------------------------------------------- bad input
@@ -310,7 +348,7 @@ BAD = [
     (lambda: mmfast.infonce_loss(A, B, 1.0, negatives=features(3, 2)), ValueError, "negatives must have the feature size"),
     (lambda: mmfast.infonce_loss(A, B[:0], 1.0), ValueError, "keys is an empty batch"),
     (lambda: mmfast.siglip_loss(A, B[:2], 1.0, 0.0), ValueError, "text_features needs at least as many rows"),
-    (lambda: mmfast.siglip_loss(A, B, 1.0, None), TypeError, "logit_bias must be a float"),
+    (lambda: mmfast.siglip_loss(A, B, 1.0, "x"), TypeError, "logit_bias must be a float"),
 ]
 
 

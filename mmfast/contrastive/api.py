@@ -4,7 +4,10 @@ Notation (design.md §1.1): A (N, D), B (M, D), s the logit scale, b the bias, Z
 r = row logsumexp, c = column logsumexp. With label smoothing ε, a row's term is
 r_i − (1 − ε)·Z_i,y − ε·mean_j Z_ij, and mean_j Z_ij = s·A_i·mean(B) + b costs O(N·D).
 The op's statistics are fp64, so each loss is summed in fp64 and returned in fp32; gradients come
-back in the features' dtype.
+back in the features' dtype. The O(N·D) terms are element-wise products (never matmuls) so that
+autocast leaves them in fp32, like the op itself. Under TF32 matmuls on a GPU the kernels' logits
+carry TF32 rounding while the positive logit Z_ii here is exact fp32: the loss of a solved batch
+can then come out slightly negative (≈ −1e-2 at scale 100), within TF32's error.
 """
 from __future__ import annotations
 
@@ -54,8 +57,8 @@ def clip_loss(
     s, bf = _as_f32(scale), _as_f32(bias)
     a32, b32 = a.float(), b.float()
     pos = s * (a32 * b32).sum(1) + bf  # Z_ii
-    image_terms = _smoothed(row, pos, s * (a32 @ b32.mean(0)) + bf, eps)
-    text_terms = _smoothed(col, pos, s * (b32 @ a32.mean(0)) + bf, eps)
+    image_terms = _smoothed(row, pos, s * (a32 * b32.mean(0)).sum(1) + bf, eps)
+    text_terms = _smoothed(col, pos, s * (b32 * a32.mean(0)).sum(1) + bf, eps)
     return _checks.reduce(0.5 * (image_terms + text_terms), reduction).float()
 
 
@@ -101,14 +104,14 @@ def infonce_loss(
         key_sum, n_keys = key_sum + negatives.float().sum(0), n_keys + negatives.shape[0]
     s = _as_f32(scale)
     pos = s * (q32 * k32[labels]).sum(1)
-    return _checks.reduce(_smoothed(row, pos, s * (q32 @ key_sum) / n_keys, eps), reduction).float()
+    return _checks.reduce(_smoothed(row, pos, s * (q32 * key_sum).sum(1) / n_keys, eps), reduction).float()
 
 
 def siglip_loss(
     image_features: Tensor,
     text_features: Tensor,
     logit_scale: _checks.Scalar,
-    logit_bias: _checks.Scalar,
+    logit_bias: Optional[_checks.Scalar],
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -124,8 +127,7 @@ def siglip_loss(
             f"text_features needs at least as many rows as image_features (positives on the diagonal), "
             f"got {b.shape[0]} < {a.shape[0]}"
         )
-    scale = _checks.scalar("logit_scale", logit_scale, a.device, positive=True)
-    bias = _checks.scalar("logit_bias", logit_bias, a.device, positive=False)
+    scale, bias, _ = _scale_bias_smoothing(logit_scale, logit_bias, 0.0, a.device)
     name = _backends.select(backend, a.device)
     if name == "reference":
         return reference.siglip_loss(a, b, scale, bias)

@@ -74,8 +74,8 @@ def grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid: bo
     with_cols = not sigmoid and col.numel() > 0
     row_hi, row_lo = _hi_lo(row)
     col_hi, col_lo = _hi_lo(col)
-    da = torch.zeros_like(a32) if need_a else a32.new_empty(0)
-    db = torch.zeros_like(b32) if need_b else b32.new_empty(0)
+    da = a32.new_zeros(a32.shape) if need_a else a32.new_empty(0)  # contiguous whatever a's strides
+    db = b32.new_zeros(b32.shape) if need_b else b32.new_empty(0)
     ds = torch.zeros((), dtype=torch.float64, device=a.device)
     dbias = torch.zeros((), dtype=torch.float64, device=a.device)
     for i0, i1 in _chunks(a.shape[0], b.shape[0]):

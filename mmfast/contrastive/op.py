@@ -41,6 +41,12 @@ def _cpu_grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoi
     )
 
 
+def _no_autocast(t: Tensor):
+    """The backends compute in fp32 by design; an enclosing autocast region must not lower their
+    GEMMs (the forward's statistics and the backward's recomputed logits would then disagree)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _bias_value(bias: Optional[Tensor]) -> float:
     return float(bias.detach()) if bias is not None else 0.0
 
@@ -71,7 +77,8 @@ def contrastive_stats(
     a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives: Optional[Tensor], sigmoid: bool,
     with_cols: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return IMPLS[backend][0](a, b, scale, bias, positives, sigmoid, with_cols)
+    with _no_autocast(a):
+        return IMPLS[backend][0](a, b, scale, bias, positives, sigmoid, with_cols)
 
 
 @contrastive_stats.register_fake
@@ -86,13 +93,14 @@ def contrastive_stats_backward(
     col: Tensor, grad_row: Tensor, grad_col: Tensor, sigmoid: bool, need_a: bool, need_b: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """→ (da (N, D) or (0,), db (M, D) or (0,), dscale [], dbias []); da/db in the input dtypes."""
-    return IMPLS[backend][1](a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid, need_a, need_b)
+    with _no_autocast(a):
+        return IMPLS[backend][1](a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid, need_a, need_b)
 
 
 @contrastive_stats_backward.register_fake
 def _(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid, need_a, need_b, backend):
-    da = torch.empty_like(a) if need_a else a.new_empty(0)
-    db = torch.empty_like(b) if need_b else b.new_empty(0)
+    da = a.new_empty(a.shape) if need_a else a.new_empty(0)  # contiguous, as every backend returns
+    db = b.new_empty(b.shape) if need_b else b.new_empty(0)
     return da, db, a.new_empty((), dtype=torch.float32), a.new_empty((), dtype=torch.float32)
 
 

@@ -15,10 +15,13 @@ grad (one sweep, 6·N·M·D FLOPs): a program owns a row block, recomputes each 
 
 Precision: bf16/fp16 tiles go to tensor cores with fp32 accumulation, G is cast to the input dtype
 for its two GEMMs (as PyTorch's own bf16 backward does); fp32 inputs use TF32 only where torch
-would (torch.get_float32_matmul_precision() != "highest"). Offsets are int64 throughout.
+would (torch.get_float32_matmul_precision() != "highest"). Tile bases are int64 (N·D and N·M may
+pass 2^31), offsets inside a tile int32. Sums over many tiles (row sums, column partials, ds, db)
+are carried in fp64, as in the CPU kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -92,6 +95,15 @@ def _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _softplus(z):
+    """log(1 + e^z) = max(z, 0) + log1p(e^-|z|), log1p(x) as log(u)·x/(u − 1), u = 1 + x, which
+    keeps full precision for small x (tl has no log1p that also runs in the interpreter)."""
+    x = tl.exp(-tl.abs(z))
+    u = 1.0 + x
+    return tl.maximum(z, 0.0) + tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
 def _pad(count, BLOCK: tl.constexpr):
     """(BLOCK,): 0 for the first `count` entries, -inf after. Added to Z, it makes exp and sigmoid
     of the padding exactly 0 (cheaper in registers than a 2-D mask)."""
@@ -124,23 +136,24 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
         row_pad = _pad(N - row0, BLOCK_M)
         pos = _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float64)
         for col0 in range(0, M, BLOCK_N):
             z = s * _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
             z = z + row_pad[:, None] + _pad(M - col0, BLOCK_N)[None, :]
             if SIGMOID:
                 # softplus(-t·z) with t = +1 at the row's positive, -1 elsewhere; 0 at z = -inf.
                 z = tl.where((col0 + c)[None, :] == pos[:, None], -z, z)
-                row_sum += tl.sum(tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z))), axis=1)
+                row_sum += tl.sum(_softplus(z), axis=1).to(tl.float64)
             else:
                 new_max = tl.maximum(row_max, tl.max(z, axis=1))
                 ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past N: keep exp finite
-                row_sum = row_sum * tl.exp(row_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+                rescale = tl.exp(row_max - ref).to(tl.float64)
+                row_sum = row_sum * rescale + tl.sum(tl.exp(z - ref[:, None]), axis=1).to(tl.float64)
                 row_max = new_max
                 if WITH_COLS:
                     tile_max = tl.max(z, axis=0)
                     tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-                    tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0)
+                    tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0).to(tl.float64)
                     slot = _wide(pid) * M + col0 + c
                     in_range = c < M - col0
                     if row_block == pid:  # this program's first row block: its partial starts here
@@ -151,8 +164,9 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
                         old_sum = tl.load(col_sum_ptr + slot, mask=in_range, other=0.0)
                         mx = tl.maximum(old_max, tile_max)
                         mref = tl.where(mx == float("-inf"), 0.0, mx)
-                        tl.store(col_sum_ptr + slot, old_sum * tl.exp(old_max - mref) + tile_sum * tl.exp(tile_max - mref),
-                                 mask=in_range)
+                        old_scale = tl.exp(old_max - mref).to(tl.float64)
+                        tile_scale = tl.exp(tile_max - mref).to(tl.float64)
+                        tl.store(col_sum_ptr + slot, old_sum * old_scale + tile_sum * tile_scale, mask=in_range)
                         tl.store(col_max_ptr + slot, mx, mask=in_range)
         tl.store(row_max_ptr + row0 + r, row_max, mask=r < N - row0)
         tl.store(row_sum_ptr + row0 + r, row_sum, mask=r < N - row0)
@@ -180,8 +194,8 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, w
     r_lo = (row_stat - r_hi.to(tl.float64)).to(tl.float32)
     a_rows = a_ptr + _wide(row0) * D
     da_rows = da_ptr + _wide(row0) * D
-    scale_grad = tl.zeros((BLOCK_M,), tl.float32)
-    bias_grad = tl.zeros((BLOCK_M,), tl.float32)
+    scale_grad = tl.zeros((BLOCK_M,), tl.float64)
+    bias_grad = tl.zeros((BLOCK_M,), tl.float64)
     col_blocks = tl.cdiv(M, BLOCK_N)
     for step in range(0, col_blocks):
         col0 = (step + pid) % col_blocks * BLOCK_N
@@ -200,8 +214,8 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, w
                 c_lo = (col_stat - c_hi.to(tl.float64)).to(tl.float32)
                 wc = tl.load(wc_ptr + col0 + c, mask=col_ok, other=0.0)
                 g += wc[None, :] * tl.exp(z - c_hi[None, :] - c_lo[None, :])
-        scale_grad += tl.sum(g * p, axis=1)
-        bias_grad += tl.sum(g, axis=1)
+        scale_grad += tl.sum(g * p, axis=1).to(tl.float64)
+        bias_grad += tl.sum(g, axis=1).to(tl.float64)
         g_in = g.to(a_ptr.dtype.element_ty)
         b_rows = b_ptr + _wide(col0) * D
         db_rows = db_ptr + _wide(col0) * D
@@ -232,6 +246,11 @@ def _max_programs(device: torch.device) -> int:
     return 2  # interpreter: two programs already exercise the persistent loop and the merge
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (cuda:1 and so on)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _scalar_args(scale: Tensor, bias: Optional[Tensor]):
     scale = scale.reshape(()).float()
     return scale, (bias.reshape(()).float() if bias is not None else scale)
@@ -247,23 +266,24 @@ def triton_contrastive_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional
     s, bias_arg = _scalar_args(scale, bias)
     has_pos = sigmoid and positives is not None
     row_max = a.new_empty(n, dtype=torch.float32)
-    row_sum = torch.empty_like(row_max)
+    row_sum = a.new_empty(n, dtype=torch.float64)
     programs = min(_max_programs(a.device), triton.cdiv(n, _STATS_BLOCK_M))
     # Column partials (max, sum), one row per program; each program writes all of its row.
     col_max = a.new_empty((programs if with_cols else 1, m), dtype=torch.float32)
-    col_sum = torch.empty_like(col_max)
-    wrap_triton(_stats_kernel)[(programs,)](
-        a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
-        n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-        PRECISION=_precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
-    )
+    col_sum = a.new_empty((programs if with_cols else 1, m), dtype=torch.float64)
+    with _on_device(a):
+        wrap_triton(_stats_kernel)[(programs,)](
+            a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
+            n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+            PRECISION=_precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
+        )
     if sigmoid:
-        return row_sum.double(), a.new_empty(0, dtype=torch.float64)
-    row = row_max.double() + row_sum.double().log()
+        return row_sum, a.new_empty(0, dtype=torch.float64)
+    row = row_max.double() + row_sum.log()
     if not with_cols:
         return row, a.new_empty(0, dtype=torch.float64)
     top = col_max.max(0).values
-    return row, top.double() + (col_sum.double() * torch.exp(col_max - top).double()).sum(0).log()
+    return row, top.double() + (col_sum * torch.exp(col_max - top).double()).sum(0).log()
 
 
 @triton_op("mmfast::triton_contrastive_grad", mutates_args=())
@@ -278,19 +298,20 @@ def triton_contrastive_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[
     s, bias_arg = _scalar_args(scale, bias)
     da = torch.zeros((n, d) if need_a else (1,), dtype=torch.float32, device=a.device)
     db = torch.zeros((m, d) if need_b else (1,), dtype=torch.float32, device=a.device)
-    sums = torch.zeros(2, dtype=torch.float32, device=a.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
     row64 = row.double().contiguous()
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    wrap_triton(_grad_kernel)[grid](
-        a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
-        col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
-        grad_col.float().contiguous() if with_cols else row64, da, db, sums, n, m, d,
-        SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-        NEED_A=need_a, NEED_B=need_b, PRECISION=_precision(a.dtype),
-    )
+    with _on_device(a):
+        wrap_triton(_grad_kernel)[grid](
+            a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
+            col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
+            grad_col.float().contiguous() if with_cols else row64, da, db, sums, n, m, d,
+            SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+            NEED_A=need_a, NEED_B=need_b, PRECISION=_precision(a.dtype),
+        )
     da = da.to(a.dtype) if need_a else a.new_empty(0)
     db = db.to(b.dtype) if need_b else b.new_empty(0)
-    return da, db, sums[0].clone(), sums[1].clone()
+    return da, db, sums[0].float(), sums[1].float()

@@ -53,7 +53,5 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
-        if logit_bias is None:
-            raise ValueError("logit_bias is required by SigLipLoss (SigLIP learns it); pass a float or a tensor")
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
