@@ -57,8 +57,8 @@ def clip_loss(
     s, bf = _as_f32(scale), _as_f32(bias)
     a32, b32 = a.float(), b.float()
     pos = s * (a32 * b32).sum(1) + bf  # Z_ii
-    image_terms = _smoothed(row, pos, s * (a32 * b32.mean(0)).sum(1) + bf, eps)
-    text_terms = _smoothed(col, pos, s * (b32 * a32.mean(0)).sum(1) + bf, eps)
+    image_terms = _smoothed(row, pos, lambda: s * (a32 * b32.mean(0)).sum(1) + bf, eps)
+    text_terms = _smoothed(col, pos, lambda: s * (b32 * a32.mean(0)).sum(1) + bf, eps)
     return _checks.reduce(0.5 * (image_terms + text_terms), reduction).float()
 
 
@@ -104,7 +104,7 @@ def infonce_loss(
         key_sum, n_keys = key_sum + negatives.float().sum(0), n_keys + negatives.shape[0]
     s = _as_f32(scale)
     pos = s * (q32 * k32[labels]).sum(1)
-    return _checks.reduce(_smoothed(row, pos, s * (q32 * key_sum).sum(1) / n_keys, eps), reduction).float()
+    return _checks.reduce(_smoothed(row, pos, lambda: s * (q32 * key_sum).sum(1) / n_keys, eps), reduction).float()
 
 
 def siglip_loss(
@@ -170,6 +170,7 @@ def _as_f32(v: Optional[Tensor]):
     return v.float().reshape(()) if v is not None else 0.0
 
 
-def _smoothed(lse: Tensor, pos: Tensor, mean_logit: Tensor, eps: float) -> Tensor:
-    """Cross-entropy with label smoothing ε: lse − (1 − ε)·Z_pos − ε·mean(Z)."""
-    return lse - pos if eps == 0.0 else lse - (1.0 - eps) * pos - eps * mean_logit
+def _smoothed(lse: Tensor, pos: Tensor, mean_logit, eps: float) -> Tensor:
+    """Cross-entropy with label smoothing ε: lse − (1 − ε)·Z_pos − ε·mean(Z); mean_logit() gives
+    mean_j Z_ij (N,), formed only when ε > 0."""
+    return lse - pos if eps == 0.0 else lse - (1.0 - eps) * pos - eps * mean_logit()

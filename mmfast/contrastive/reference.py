@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfast._checks import reduce
+
 
 def _logits(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     dtype = torch.promote_types(a.dtype, torch.float32)
@@ -23,13 +25,13 @@ def clip_loss(a, b, scale, bias, label_smoothing: float, reduction: str) -> Tens
     target = torch.arange(z.shape[0], device=z.device)
     per_image = F.cross_entropy(z, target, label_smoothing=label_smoothing, reduction="none")
     per_text = F.cross_entropy(z.T, target, label_smoothing=label_smoothing, reduction="none")
-    return _reduce(0.5 * (per_image + per_text), reduction)
+    return reduce(0.5 * (per_image + per_text), reduction)
 
 
 def infonce_loss(q, keys, scale, labels, negatives, label_smoothing: float, reduction: str) -> Tensor:
     all_keys = keys if negatives is None else torch.cat([keys, negatives])
     z = _logits(q, all_keys, scale, None)
-    return _reduce(F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="none"), reduction)
+    return reduce(F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="none"), reduction)
 
 
 def siglip_loss(a, b, scale, bias) -> Tensor:
@@ -37,6 +39,3 @@ def siglip_loss(a, b, scale, bias) -> Tensor:
     signs = 2 * torch.eye(z.shape[0], z.shape[1], device=z.device, dtype=z.dtype) - 1
     return -F.logsigmoid(signs * z).sum() / z.shape[0]
 
-
-def _reduce(per_row: Tensor, reduction: str) -> Tensor:
-    return per_row.mean() if reduction == "mean" else per_row.sum() if reduction == "sum" else per_row
