@@ -97,13 +97,11 @@ def main(argv=None) -> int:
 
     payload = {"bench": "clip_loss fwd+bwd", "device": "cpu", "dtype": "float32", "machine": harness.machine(),
                "flops_counted": "8*N*N*D", "rows": rows}
-    path = harness.write_results("contrastive-cpu", payload, args.out)
-    print(harness.table(rows, [
+    harness.report("contrastive-cpu", payload, [
         ("impl", "impl", ""), ("N", "N", "d"), ("median s", "median_s", ".3f"), ("GFLOP/s", "gflops", ".1f"),
         ("extra peak MB", "extra_peak_mb", ".1f"), ("time/floor", "vs_floor", ".2f"),
         ("time/open_clip", "vs_open_clip", ".2f"), ("mem/open_clip", "mem_vs_open_clip", ".3f"), ("error", "error", ""),
-    ]))
-    print(f"\nwritten {path}")
+    ], args.out)
     return 0
 
 

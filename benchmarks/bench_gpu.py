@@ -122,14 +122,12 @@ def main(argv=None) -> int:
     machine = {**harness.machine(), "gpu": torch.cuda.get_device_name(0), "bf16_matmul_peak_tflops": peak}
     payload = {"bench": "clip_loss fwd+bwd", "device": "cuda", "dtype": "bfloat16", "machine": machine,
                "flops_counted": "8*N*N*D", "rows": rows}
-    path = harness.write_results("contrastive-gpu", payload, args.out)
-    print(harness.table(rows, [
-        ("impl", "impl", ""), ("N", "N", "d"), ("D", "D", "d"), ("median ms", "median_s", ".4f"),
+    harness.report("contrastive-gpu", payload, [
+        ("impl", "impl", ""), ("N", "N", "d"), ("D", "D", "d"), ("median s", "median_s", ".4f"),
         ("TFLOP/s", "tflops", ".0f"), ("of peak", "of_peak", ".2f"), ("extra MB", "extra_peak_mb", ".0f"),
         ("x open_clip", "speedup_vs_open_clip", ".2f"), ("x inf_cl", "speedup_vs_inf_cl", ".2f"),
         ("mem/open_clip", "mem_vs_open_clip", ".3f"), ("error", "error", ""),
-    ]))
-    print(f"\nwritten {path}")
+    ], args.out)
     return 0
 
 

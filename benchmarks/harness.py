@@ -86,6 +86,13 @@ def write_results(name: str, payload: dict, out_dir: str | None = None) -> Path:
     return path
 
 
+def report(name: str, payload: dict, columns: list[tuple[str, str, str]], out_dir: str | None = None) -> None:
+    """Writes the run's JSON, then prints its rows as a table and where the JSON went."""
+    path = write_results(name, payload, out_dir)
+    print(table(payload["rows"], columns))
+    print(f"\nwritten {path}")
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """columns: (header, key, format) — missing values print as '-'."""
     def cell(row, key, fmt):

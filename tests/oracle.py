@@ -31,6 +31,14 @@ def clip_loss(a, b, scale, bias=None, eps=0.0, reduction="mean"):
     return _reduce(0.5 * (_ce(z, t, eps) + _ce(z.T, t, eps)), reduction)
 
 
+def eager_clip_loss(a, b, scale):
+    """The CLIP loss as PyTorch computes it in the inputs' own dtype (bf16/fp16): not a reference,
+    the yardstick of the half-precision tolerance (design.md §4)."""
+    z = scale.to(a.dtype) * (a @ b.T)
+    t = torch.arange(z.shape[0], device=z.device)
+    return 0.5 * (F.cross_entropy(z, t) + F.cross_entropy(z.T, t))
+
+
 def infonce_loss(q, keys, scale, labels=None, negatives=None, eps=0.0, reduction="mean"):
     k = keys if negatives is None else torch.cat([keys, negatives])
     labels = torch.arange(q.shape[0]) if labels is None else labels
