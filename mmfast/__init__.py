@@ -8,6 +8,8 @@ one by device. `python -m mmfast info` says which run here.
 from mmfast import nn
 from mmfast._backends import BACKENDS
 from mmfast.contrastive import clip_loss, infonce_loss, siglip_loss
+from mmfast.cross_entropy import cross_entropy, linear_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "clip_loss", "infonce_loss", "nn", "siglip_loss", "__version__"]
+__all__ = ["BACKENDS", "clip_loss", "cross_entropy", "infonce_loss", "linear_cross_entropy", "nn", "siglip_loss",
+           "__version__"]

@@ -75,3 +75,9 @@ def select(name: Optional[str], device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run: {reason}")
     return name
+
+
+def no_autocast(t: torch.Tensor):
+    """The op bodies compute in fp32 by design; an enclosing autocast region must not lower their
+    GEMMs (a forward's statistics and its backward's recomputed logits would then disagree)."""
+    return torch.autocast(t.device.type, enabled=False)

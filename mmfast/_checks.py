@@ -83,3 +83,14 @@ def reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def tensor_2d_or_3d(name: str, t) -> torch.Tensor:
+    """A float32/bfloat16/float16 tensor of shape (T, K) or (B, S, K)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be (T, K) or (B, S, K), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    return t

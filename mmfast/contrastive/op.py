@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mmfast._backends import no_autocast
 from mmfast.contrastive import chunked
 
 
@@ -39,12 +40,6 @@ def _cpu_grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoi
         a, b, float(scale.detach()), _bias_value(bias), positives, sigmoid, row, col, grad_row, grad_col,
         need_a, need_b,
     )
-
-
-def _no_autocast(t: Tensor):
-    """The backends compute in fp32 by design; an enclosing autocast region must not lower their
-    GEMMs (the forward's statistics and the backward's recomputed logits would then disagree)."""
-    return torch.autocast(t.device.type, enabled=False)
 
 
 def _bias_value(bias: Optional[Tensor]) -> float:
@@ -77,7 +72,7 @@ def contrastive_stats(
     a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives: Optional[Tensor], sigmoid: bool,
     with_cols: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    with _no_autocast(a):
+    with no_autocast(a):
         return IMPLS[backend][0](a, b, scale, bias, positives, sigmoid, with_cols)
 
 
@@ -93,7 +88,7 @@ def contrastive_stats_backward(
     col: Tensor, grad_row: Tensor, grad_col: Tensor, sigmoid: bool, need_a: bool, need_b: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """→ (da (N, D) or (0,), db (M, D) or (0,), dscale [], dbias []); da/db in the input dtypes."""
-    with _no_autocast(a):
+    with no_autocast(a):
         return IMPLS[backend][1](a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid, need_a, need_b)
 
 

@@ -15,14 +15,12 @@ grad (one sweep, 6·N·M·D FLOPs): a program owns a row block, recomputes each 
 
 Precision: bf16/fp16 tiles go to tensor cores with fp32 accumulation, G is cast to the input dtype
 for its two GEMMs (as PyTorch's own bf16 backward does); fp32 inputs use TF32 only where torch
-would (torch.get_float32_matmul_precision() != "highest"). Tile bases are int64 (N·D and N·M may
+would (torch.get_float32_matmulprecision() != "highest"). Tile bases are int64 (N·D and N·M may
 pass 2^31), offsets inside a tile int32. Sums over many tiles (row sums, column partials, ds, db)
 are carried in fp64, as in the CPU kernel.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -31,11 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Triton 3.9's CPU interpreter multiplies bf16/fp16 tiles wrongly in tl.dot; there, _mm upcasts
-# them to fp32 first, which gives the same products (fp32 accumulation, as on tensor cores).
-UPCAST_DOTS = tl.constexpr(INTERPRET)
+from mmfast._triton import INTERPRET, mm, on_device, precision, wide
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
@@ -63,26 +57,11 @@ else:
 
 
 @triton.jit
-def _mm(a, b, PRECISION: tl.constexpr):
-    """a·b with fp32 accumulation."""
-    if UPCAST_DOTS:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _wide(x):
-    """x as int64: block starts times D can pass 2^31, so they are formed as 64-bit scalars once
-    per tile; offsets inside a tile stay int32 (cheap in registers)."""
-    return x + tl.full([], 0, tl.int64)
-
-
-@triton.jit
 def _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) tile of A·Bᵀ from rows row0… and columns col0…, fp32; past N, M and D reads 0."""
-    a_rows = a_ptr + _wide(row0) * D
-    b_rows = b_ptr + _wide(col0) * D
+    a_rows = a_ptr + wide(row0) * D
+    b_rows = b_ptr + wide(col0) * D
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -90,7 +69,7 @@ def _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M: tl.constexpr, B
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + r[:, None] * D + k[None, :], mask=(r[:, None] < N - row0) & (k[None, :] < D), other=0.0)
         b = tl.load(b_rows + c[None, :] * D + k[:, None], mask=(c[None, :] < M - col0) & (k[:, None] < D), other=0.0)
-        acc += _mm(a, b, PRECISION)
+        acc += mm(a, b, PRECISION)
     return acc
 
 
@@ -154,7 +133,7 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
                     tile_max = tl.max(z, axis=0)
                     tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
                     tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0).to(tl.float64)
-                    slot = _wide(pid) * M + col0 + c
+                    slot = wide(pid) * M + col0 + c
                     in_range = c < M - col0
                     if row_block == pid:  # this program's first row block: its partial starts here
                         tl.store(col_max_ptr + slot, tile_max, mask=in_range)
@@ -192,8 +171,8 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, w
     row_stat = tl.load(row_ptr + row0 + r, mask=row_ok, other=0.0)
     r_hi = row_stat.to(tl.float32)
     r_lo = (row_stat - r_hi.to(tl.float64)).to(tl.float32)
-    a_rows = a_ptr + _wide(row0) * D
-    da_rows = da_ptr + _wide(row0) * D
+    a_rows = a_ptr + wide(row0) * D
+    da_rows = da_ptr + wide(row0) * D
     scale_grad = tl.zeros((BLOCK_M,), tl.float64)
     bias_grad = tl.zeros((BLOCK_M,), tl.float64)
     col_blocks = tl.cdiv(M, BLOCK_N)
@@ -217,38 +196,27 @@ def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, w
         scale_grad += tl.sum(g * p, axis=1).to(tl.float64)
         bias_grad += tl.sum(g, axis=1).to(tl.float64)
         g_in = g.to(a_ptr.dtype.element_ty)
-        b_rows = b_ptr + _wide(col0) * D
-        db_rows = db_ptr + _wide(col0) * D
+        b_rows = b_ptr + wide(col0) * D
+        db_rows = db_ptr + wide(col0) * D
         for d0 in range(0, D, BLOCK_D):
             k = d0 + tl.arange(0, BLOCK_D)
             if NEED_A:
                 keys = tl.load(b_rows + c[:, None] * D + k[None, :], mask=col_ok[:, None] & (k[None, :] < D), other=0.0)
                 da_mask = row_ok[:, None] & (k[None, :] < D)
                 da = tl.load(da_rows + r[:, None] * D + k[None, :], mask=da_mask, other=0.0)
-                tl.store(da_rows + r[:, None] * D + k[None, :], da + s * _mm(g_in, keys, PRECISION), mask=da_mask)
+                tl.store(da_rows + r[:, None] * D + k[None, :], da + s * mm(g_in, keys, PRECISION), mask=da_mask)
             if NEED_B:
                 queries = tl.load(a_rows + r[:, None] * D + k[None, :], mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
-                update = s * _mm(tl.trans(g_in), queries, PRECISION)
+                update = s * mm(tl.trans(g_in), queries, PRECISION)
                 tl.atomic_add(db_rows + c[:, None] * D + k[None, :], update, mask=col_ok[:, None] & (k[None, :] < D))
     tl.atomic_add(sums_ptr, tl.sum(scale_grad, axis=0))
     tl.atomic_add(sums_ptr + 1, tl.sum(bias_grad, axis=0))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored for bf16/fp16 tiles, which always run on tensor cores
 
 
 def _max_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # interpreter: two programs already exercise the persistent loop and the merge
-
-
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' (cuda:1 and so on)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _scalar_args(scale: Tensor, bias: Optional[Tensor]):
@@ -271,11 +239,11 @@ def triton_contrastive_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional
     # Column partials (max, sum), one row per program; each program writes all of its row.
     col_max = a.new_empty((programs if with_cols else 1, m), dtype=torch.float32)
     col_sum = a.new_empty((programs if with_cols else 1, m), dtype=torch.float64)
-    with _on_device(a):
+    with on_device(a):
         wrap_triton(_stats_kernel)[(programs,)](
             a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
             n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-            PRECISION=_precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
+            PRECISION=precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
         )
     if sigmoid:
         return row_sum, a.new_empty(0, dtype=torch.float64)
@@ -304,13 +272,13 @@ def triton_contrastive_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    with _on_device(a):
+    with on_device(a):
         wrap_triton(_grad_kernel)[grid](
             a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
             col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
             grad_col.float().contiguous() if with_cols else row64, da, db, sums, n, m, d,
             SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-            NEED_A=need_a, NEED_B=need_b, PRECISION=_precision(a.dtype),
+            NEED_A=need_a, NEED_B=need_b, PRECISION=precision(a.dtype),
         )
     da = da.to(a.dtype) if need_a else a.new_empty(0)
     db = db.to(b.dtype) if need_b else b.new_empty(0)

@@ -1,0 +1,106 @@
+"""The `torch` backend of the masked-LM softmax: chunked PyTorch, any device.
+
+Same contract as csrc/cross_entropy_cpu.h. Logits given: a block of rows at a time (CHUNK_ELEMS
+logits), so the only T×V buffer is the gradient itself. Linear variant: only the rows whose target
+is kept, a block at a time; the block's logits give its loss and, when row weights are given, its
+share of every gradient at once (6·T_kept·V·Dh FLOPs). Targets here are int64 with −1 for an
+ignored row (op.py maps ignore_index). The kept rows are found with nonzero(), a host sync on a GPU;
+the triton backend compacts on the device instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# 2^20 logits (4 MB in fp32) per block of given logits: the handful of temporaries per block stay
+# far below a T×V buffer.
+CHUNK_ELEMS = 1 << 20
+# The linear variant's blocks: 2^23 logits (32 MB), at most 256 rows, at least 16. The dW update is
+# a GEMM whose inner size is the block's row count and which reads and writes all of dW: too few
+# rows and it runs at memory speed (the C++ kernel makes the same choice).
+LINEAR_BLOCK_ELEMS = 1 << 23
+
+
+def _blocks(n: int, v: int, elems: int = CHUNK_ELEMS, min_rows: int = 1, max_rows: int = 1 << 62):
+    step = min(max(min_rows, elems // max(v, 1)), max_rows)
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _rows(x: Tensor, y: Tensor, eps: float, z: float, w: Optional[Tensor]):
+    """One block: x (R, V) fp32, y (R,) ≥ 0 → loss (R,) fp32, lse (R,) fp64 and, with weights w (R,), the
+    gradient of Σ w·loss (R, V) fp32. The sum of exps is fp64 and the target's gradient entry is
+    formed in fp64 as expm1, as in the C++ kernel (a peaked row's gradient is that small entry)."""
+    v = x.shape[1]
+    top = x.amax(1, keepdim=True)
+    lse = top.squeeze(1).double() + torch.exp(x - top).sum(1, dtype=torch.float64).log()
+    x_y = x.gather(1, y[:, None]).squeeze(1).double()
+    loss = lse - (1 - eps) * x_y + z * lse * lse
+    if eps:
+        loss = loss - eps * x.sum(1, dtype=torch.float64) / v
+    if w is None:
+        return loss.float(), lse, None
+    w = w.double()
+    a = w * (1 + 2 * z * lse)
+    hi = lse.float()
+    lo = (lse - hi.double()).float()
+    g = torch.exp(x - hi[:, None] - lo[:, None]) * a.float()[:, None] - (w * eps / v).float()[:, None]
+    g_y = a * torch.expm1(x_y - lse) + w * (2 * z * lse + eps * (1 - 1 / v))
+    g.scatter_(1, y[:, None], g_y.float()[:, None])
+    return loss.float(), lse, g
+
+
+def cross_entropy(x: Tensor, y: Tensor, eps: float, z: float):
+    """x: (T, V), y: (T,) → loss (T,) fp32, lse (T,) fp64 (0 for ignored rows)."""
+    loss = x.new_zeros(x.shape[0], dtype=torch.float32)
+    lse = x.new_zeros(x.shape[0], dtype=torch.float64)
+    for r0, r1 in _blocks(*x.shape):
+        yb = y[r0:r1]
+        kept = yb >= 0
+        l, s, _ = _rows(x[r0:r1].float(), yb.clamp_min(0), eps, z, None)
+        loss[r0:r1] = torch.where(kept, l, 0.0)
+        lse[r0:r1] = torch.where(kept, s, 0.0)
+    return loss, lse
+
+
+def cross_entropy_grad(x: Tensor, y: Tensor, row_weight: Tensor, eps: float, z: float, out: Tensor) -> None:
+    """Writes the gradient of Σ_t row_weight_t·loss_t over x (T, V) into out (which may be x)."""
+    for r0, r1 in _blocks(*x.shape):
+        yb = y[r0:r1]
+        w = torch.where(yb >= 0, row_weight[r0:r1].float(), 0.0)
+        _, _, g = _rows(x[r0:r1].float(), yb.clamp_min(0), eps, z, w)
+        out[r0:r1] = g
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, row_weight: Optional[Tensor],
+                         eps: float, z: float):
+    """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss, lse (T,) fp32 and, with row_weight,
+    dh (T, Dh), dw (V, Dh) (accumulated in fp32), dbias (V,) (empty without bias); lse is fp64."""
+    kept = torch.nonzero(y >= 0).squeeze(1)
+    hk, yk = h.index_select(0, kept).float(), y.index_select(0, kept)
+    w32 = w.float()
+    b32 = bias.float() if bias is not None else None
+    with_grad = row_weight is not None
+    wk = row_weight.index_select(0, kept).float() if with_grad else None
+    loss_k = hk.new_empty(hk.shape[0])
+    lse_k = hk.new_empty(hk.shape[0], dtype=torch.float64)
+    dh_k = torch.empty_like(hk) if with_grad else None
+    dw = torch.zeros_like(w32) if with_grad else None
+    db = torch.zeros_like(b32) if with_grad and b32 is not None else None
+    for r0, r1 in _blocks(hk.shape[0], w.shape[0], LINEAR_BLOCK_ELEMS, 16, 256):
+        x = hk[r0:r1] @ w32.T
+        if b32 is not None:
+            x += b32
+        loss_k[r0:r1], lse_k[r0:r1], g = _rows(x, yk[r0:r1], eps, z, wk[r0:r1] if with_grad else None)
+        if with_grad:
+            torch.mm(g, w32, out=dh_k[r0:r1])
+            dw.addmm_(g.T, hk[r0:r1])
+            if db is not None:
+                db += g.sum(0)
+    loss = h.new_zeros(h.shape[0], dtype=torch.float32).index_copy_(0, kept, loss_k)
+    lse = lse_k.new_zeros(h.shape[0]).index_copy_(0, kept, lse_k)
+    if not with_grad:  # three distinct empty tensors: a custom op's outputs may not alias each other
+        return loss, lse, h.new_empty(0), h.new_empty(0), h.new_empty(0)
+    dh = torch.zeros_like(h, memory_format=torch.contiguous_format).index_copy_(0, kept, dh_k.to(h.dtype))
+    return loss, lse, dh, dw.to(w.dtype), db.to(bias.dtype) if db is not None else h.new_empty(0)
