@@ -6,7 +6,15 @@
 // be x itself, which the row then no longer holds):
 //   g_tv   = w_t·(softmax_tv·(1 + 2z·lse_t) − ε/V) − w_t·(1 − ε)·[v = y_t]    (0 for an ignored row)
 // Rows run in parallel (at::parallel_for). Sums over V are carried in fp64 (V reaches 250k).
+//
+// The linear variant: the same per-row loss over x = h·wᵀ + bias for the kept rows only, walked in
+// tiles of kept rows × vocabulary chunks so that no row of x is ever whole in memory:
+//   forward:  loss (T,) fp32 and lse (T,) fp64 (both written for kept rows only)       2·T_kept·V·Dh FLOPs
+//   backward: with the forward's lse and weights w (T,), the gradients of Σ_t w_t·loss_t
+//             added into dh (T, Dh), dw (V, Dh), dbias (V,) (fp32, zero-filled)        6·T_kept·V·Dh FLOPs
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
@@ -25,9 +33,21 @@ struct CrossEntropyRows {
   int64_t ldg;
 };
 
-#define MMFAST_DECLARE_CROSS_ENTROPY_KERNELS(CAP) \
-  namespace CAP {                                 \
-  void cross_entropy_rows(const CrossEntropyRows& args); \
+struct LinearCrossEntropy {
+  at::Tensor h;       // (T, Dh) fp32 contiguous
+  at::Tensor w;       // (V, Dh) fp32 contiguous
+  at::Tensor bias;    // (V,) fp32, or undefined
+  at::Tensor kept;    // (T_kept,) int64: the rows whose target is kept
+  const int64_t* target;  // (T,), in [0, V) for kept rows
+  float eps, z;
+};
+
+#define MMFAST_DECLARE_CROSS_ENTROPY_KERNELS(CAP)                                                      \
+  namespace CAP {                                                                                      \
+  void cross_entropy_rows(const CrossEntropyRows& args);                                               \
+  void linear_cross_entropy_forward(const LinearCrossEntropy& args, float* loss, double* lse);         \
+  void linear_cross_entropy_backward(const LinearCrossEntropy& args, const double* lse, const float* w, \
+                                     at::Tensor& dh, at::Tensor& dw, at::Tensor& dbias);               \
   }
 
 #ifdef CPU_CAPABILITY

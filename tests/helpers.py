@@ -1,7 +1,10 @@
 """Shared test helpers: backends that run here, tolerances by dtype, gradients of a loss."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +74,23 @@ def features(n, d, dtype=torch.float32, normalize=True, seed=None):
     if normalize:
         x = x / x.norm(dim=1, keepdim=True)
     return x.to(dtype)
+
+
+MEMORY_PRELUDE = """
+import json, sys, torch, mmfast
+sys.path.insert(0, {root!r})
+from benchmarks.harness import peak_growth
+"""
+
+
+def peak_growth_in_subprocess(script: str, *args) -> int:
+    """Runs `script` (which defines warm() and step()) in a fresh process with 2 threads → the
+    bytes by which the resident set's peak during step() exceeds the resident set before it
+    (benchmarks.harness.peak_growth). A fixed malloc mmap threshold makes glibc return freed blocks
+    at once, so the RSS follows what is allocated rather than what the allocator keeps cached."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = MEMORY_PRELUDE.format(root=root) + script + "\nwarm()\nprint(json.dumps(peak_growth(step)))\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

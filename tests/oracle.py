@@ -49,3 +49,28 @@ def siglip_loss(a, b, scale, bias):
     z = logits(a, b, scale, bias)
     t = 2 * torch.eye(z.shape[0], z.shape[1], dtype=z.dtype) - 1
     return -F.logsigmoid(t * z).sum() / z.shape[0]
+
+
+def cross_entropy_rows(x, target, ignore_index=-100, eps=0.0, z=0.0):
+    """design.md §1.3 per row in float64: lse − (1 − ε)·x_y − ε·mean(x) + z·lse², 0 where ignored."""
+    x = x.double()
+    kept = target != ignore_index
+    y = torch.where(kept, target, 0)
+    lse = torch.logsumexp(x, 1)
+    loss = lse - (1 - eps) * x.gather(1, y[:, None])[:, 0] - eps * x.mean(1) + z * lse * lse
+    return torch.where(kept, loss, 0.0)
+
+
+def masked_lm_loss(x, target, ignore_index=-100, eps=0.0, z=0.0, reduction="mean"):
+    """x: (…, V), target: (…): the mean over kept rows (0 when none is kept), the sum, or per row."""
+    rows = cross_entropy_rows(x.reshape(-1, x.shape[-1]), target.reshape(-1), ignore_index, eps, z)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
+def linear_masked_lm_loss(h, w, target, bias=None, **kwargs):
+    x = h.double() @ w.double().T
+    return masked_lm_loss(x if bias is None else x + bias.double(), target, **kwargs)

@@ -2,10 +2,10 @@
 
 Same contract as csrc/cross_entropy_cpu.h. Logits given: a block of rows at a time (CHUNK_ELEMS
 logits), so the only T×V buffer is the gradient itself. Linear variant: only the rows whose target
-is kept, a block at a time; the block's logits give its loss and, when row weights are given, its
-share of every gradient at once (6·T_kept·V·Dh FLOPs). Targets here are int64 with −1 for an
+is kept, a block of them (against the whole vocabulary) at a time. Targets here are int64 with −1 for an
 ignored row (op.py maps ignore_index). The kept rows are found with nonzero(), a host sync on a GPU;
-the triton backend compacts on the device instead.
+the triton backend compacts on the device instead. The linear backward recomputes each block's
+logits (8·T_kept·V·Dh FLOPs in all, as every backend).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from torch import Tensor
 # 2^20 logits (4 MB in fp32) per block of given logits: the handful of temporaries per block stay
 # far below a T×V buffer.
 CHUNK_ELEMS = 1 << 20
-# The linear variant's blocks: 2^23 logits (32 MB), at most 256 rows, at least 16. The dW update is
-# a GEMM whose inner size is the block's row count and which reads and writes all of dW: too few
-# rows and it runs at memory speed (the C++ kernel makes the same choice).
-LINEAR_BLOCK_ELEMS = 1 << 23
+# The linear variant's blocks: 2^22 logits (16 MB), at most 256 rows, at least 16. A block's dW
+# update is a GEMM whose inner size is its row count and which reads and writes all of dW: with too
+# few rows it runs at memory speed.
+LINEAR_BLOCK_ELEMS = 1 << 22
 
 
 def _blocks(n: int, v: int, elems: int = CHUNK_ELEMS, min_rows: int = 1, max_rows: int = 1 << 62):
@@ -73,34 +73,45 @@ def cross_entropy_grad(x: Tensor, y: Tensor, row_weight: Tensor, eps: float, z: 
         out[r0:r1] = g
 
 
-def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, row_weight: Optional[Tensor],
-                         eps: float, z: float):
-    """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss, lse (T,) fp32 and, with row_weight,
-    dh (T, Dh), dw (V, Dh) (accumulated in fp32), dbias (V,) (empty without bias); lse is fp64."""
+def _kept_blocks(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor):
+    """The kept rows' indices, then (rows, their logits x = h_rows·wᵀ + bias in fp32, their hidden
+    rows) block by block."""
     kept = torch.nonzero(y >= 0).squeeze(1)
-    hk, yk = h.index_select(0, kept).float(), y.index_select(0, kept)
     w32 = w.float()
     b32 = bias.float() if bias is not None else None
-    with_grad = row_weight is not None
-    wk = row_weight.index_select(0, kept).float() if with_grad else None
-    loss_k = hk.new_empty(hk.shape[0])
-    lse_k = hk.new_empty(hk.shape[0], dtype=torch.float64)
-    dh_k = torch.empty_like(hk) if with_grad else None
-    dw = torch.zeros_like(w32) if with_grad else None
-    db = torch.zeros_like(b32) if with_grad and b32 is not None else None
-    for r0, r1 in _blocks(hk.shape[0], w.shape[0], LINEAR_BLOCK_ELEMS, 16, 256):
-        x = hk[r0:r1] @ w32.T
-        if b32 is not None:
-            x += b32
-        loss_k[r0:r1], lse_k[r0:r1], g = _rows(x, yk[r0:r1], eps, z, wk[r0:r1] if with_grad else None)
-        if with_grad:
-            torch.mm(g, w32, out=dh_k[r0:r1])
-            dw.addmm_(g.T, hk[r0:r1])
-            if db is not None:
-                db += g.sum(0)
-    loss = h.new_zeros(h.shape[0], dtype=torch.float32).index_copy_(0, kept, loss_k)
-    lse = lse_k.new_zeros(h.shape[0]).index_copy_(0, kept, lse_k)
-    if not with_grad:  # three distinct empty tensors: a custom op's outputs may not alias each other
-        return loss, lse, h.new_empty(0), h.new_empty(0), h.new_empty(0)
-    dh = torch.zeros_like(h, memory_format=torch.contiguous_format).index_copy_(0, kept, dh_k.to(h.dtype))
-    return loss, lse, dh, dw.to(w.dtype), db.to(bias.dtype) if db is not None else h.new_empty(0)
+
+    def blocks():
+        for r0, r1 in _blocks(kept.shape[0], w.shape[0], LINEAR_BLOCK_ELEMS, 16, 256):
+            rows = kept[r0:r1]
+            hb = h.index_select(0, rows).float()
+            x = hb @ w32.T
+            yield rows, (x + b32 if b32 is not None else x), hb
+    return kept, blocks()
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float):
+    """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss (T,) fp32, lse (T,) fp64."""
+    loss = h.new_zeros(h.shape[0], dtype=torch.float32)
+    lse = h.new_zeros(h.shape[0], dtype=torch.float64)
+    _, blocks = _kept_blocks(h, w, bias, y)
+    for rows, x, _ in blocks:
+        loss[rows], lse[rows], _ = _rows(x, y[rows], eps, z, None)
+    return loss, lse
+
+
+def linear_cross_entropy_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, lse: Tensor, row_weight: Tensor,
+                              eps: float, z: float):
+    """→ dh (T, Dh), dw (V, Dh) (accumulated in fp32), dbias (V,) (empty without bias): the gradients
+    of Σ_t row_weight_t·loss_t. The logits are recomputed block by block (lse with them)."""
+    w32 = w.float()
+    dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    dw = torch.zeros_like(w32, memory_format=torch.contiguous_format)
+    db = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+    _, blocks = _kept_blocks(h, w, bias, y)
+    for rows, x, hb in blocks:
+        _, _, g = _rows(x, y[rows], eps, z, row_weight[rows])
+        dh[rows] = g @ w32
+        dw.addmm_(g.T, hb)
+        if db is not None:
+            db += g.sum(0)
+    return dh.to(h.dtype), dw.to(w.dtype), db.to(bias.dtype) if db is not None else h.new_empty(0)

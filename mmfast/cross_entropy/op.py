@@ -6,15 +6,13 @@
         g_tv = w_t·(softmax_tv·(1 + 2z·lse_t) − ε/V − (1 − ε)·[v = y_t]),
     into a new tensor, or written over x when inplace_backward (x's memory is reused).
 
-    linear_cross_entropy(h, w, bias, y, row_weight) → (loss, lse, dh, dw, dbias)
-        h: (T, Dh), w: (V, Dh), bias: (V,) or None, lse (T,) fp64; the logits x = h·wᵀ + bias of the kept rows only,
-        a block at a time, never T×V.
-    Without row_weight it is the forward alone: loss (T,) per row, lse (T,), and empty gradients;
-    its backward recomputes the logits (8·T_kept·V·Dh FLOPs in all). With row_weight (T,) (the
-    reduction's weights: 1/T_kept or 1 for kept rows) on the `cpu` and `torch` backends, loss is the
-    scalar Σ_t row_weight_t·loss_t and the forward also forms the gradients from its own logits
-    (6·T_kept·V·Dh FLOPs); they are saved and scaled by the incoming gradient in backward. dw is
-    accumulated in fp32.
+    linear_cross_entropy(h, w, bias, y) → loss (T,) fp32, lse (T,) fp64
+        h: (T, Dh), w: (V, Dh), bias: (V,) or None; the logits x = h·wᵀ + bias of the kept rows
+        only, in tiles, never T×V (2·T_kept·V·Dh FLOPs).
+    its backward recomputes the logits tile by tile with the saved lse and forms dh, dw (accumulated
+    in fp32) and dbias (6·T_kept·V·Dh FLOPs). 8·T_kept·V·Dh in all: forming the gradients in the
+    forward would save a quarter of the FLOPs but must hold a block of whole rows of x (rows × V)
+    and dW from forward to backward; recomputing keeps the working memory to a few tiles.
 
 All are torch.library custom ops with fakes, so torch.compile(fullgraph=True) keeps them whole.
 """
@@ -28,9 +26,6 @@ from torch import Tensor
 from mmfast._backends import no_autocast
 from mmfast.cross_entropy import chunked
 
-# Backends whose linear_cross_entropy can form the gradients in its forward pass.
-FUSED_BACKENDS = ("torch", "cpu")
-
 
 def _cpu_cross_entropy(x, y, eps, z):
     return torch.ops.mmfast.cpu_cross_entropy(x, y, -1, eps, z)
@@ -40,8 +35,12 @@ def _cpu_cross_entropy_grad(x, y, row_weight, eps, z, out):
     torch.ops.mmfast.cpu_cross_entropy_grad(x, y, row_weight, -1, eps, z, out)
 
 
-def _cpu_linear_cross_entropy(h, w, bias, y, row_weight, eps, z):
-    return torch.ops.mmfast.cpu_linear_cross_entropy(h, w, bias, y, row_weight, -1, eps, z)
+def _cpu_linear_cross_entropy(h, w, bias, y, eps, z):
+    return torch.ops.mmfast.cpu_linear_cross_entropy(h, w, bias, y, -1, eps, z)
+
+
+def _cpu_linear_cross_entropy_grad(h, w, bias, y, lse, row_weight, eps, z):
+    return torch.ops.mmfast.cpu_linear_cross_entropy_grad(h, w, bias, y, lse, row_weight, -1, eps, z)
 
 
 def _triton(name):
@@ -53,19 +52,14 @@ def _triton(name):
     return call
 
 
-# backend → (cross_entropy, cross_entropy_grad, linear_cross_entropy forward, its backward); the
-# linear backward of the fused backends is their forward with row weights (it recomputes lse).
-def _fused_backward(run):
-    return lambda h, w, bias, y, lse, row_weight, eps, z: run(h, w, bias, y, row_weight, eps, z)[2:]
-
-
+# backend → (cross_entropy, cross_entropy_grad, linear_cross_entropy, linear_cross_entropy_grad),
+# with the signatures of the chunked.py functions.
 IMPLS = {
     "torch": (chunked.cross_entropy, chunked.cross_entropy_grad, chunked.linear_cross_entropy,
-              _fused_backward(chunked.linear_cross_entropy)),
-    "cpu": (_cpu_cross_entropy, _cpu_cross_entropy_grad, _cpu_linear_cross_entropy,
-            _fused_backward(_cpu_linear_cross_entropy)),
-    "triton": (_triton("cross_entropy"), _triton("cross_entropy_grad"), _triton("linear_cross_entropy"),
-               _triton("linear_cross_entropy_backward")),
+              chunked.linear_cross_entropy_grad),
+    "cpu": (_cpu_cross_entropy, _cpu_cross_entropy_grad, _cpu_linear_cross_entropy, _cpu_linear_cross_entropy_grad),
+    "triton": tuple(_triton(name) for name in ("cross_entropy", "cross_entropy_grad", "linear_cross_entropy",
+                                                "linear_cross_entropy_grad")),
 }
 
 
@@ -123,25 +117,15 @@ cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 # ---- linear + cross_entropy over the kept rows -------------------------------------------------
 
 @torch.library.custom_op("mmfast::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(
-    h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, row_weight: Optional[Tensor], eps: float, z: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float,
+                         backend: str) -> tuple[Tensor, Tensor]:
     with no_autocast(h):
-        if row_weight is None:
-            return IMPLS[backend][2](h, w, bias, y, None, eps, z)
-        loss, lse, dh, dw, db = IMPLS[backend][2](h, w, bias, y, row_weight, eps, z)
-        return (loss.double() * row_weight.double()).sum().float(), lse, dh, dw, db
+        return IMPLS[backend][2](h, w, bias, y, eps, z)
 
 
 @linear_cross_entropy.register_fake
-def _(h, w, bias, y, row_weight, eps, z, backend):
-    f32 = dict(dtype=torch.float32)
-    lse = h.new_empty(h.shape[0], dtype=torch.float64)
-    if row_weight is None:
-        return h.new_empty(h.shape[0], **f32), lse, h.new_empty(0), h.new_empty(0), h.new_empty(0)
-    db = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0)
-    return h.new_empty((), **f32), lse, h.new_empty(h.shape), w.new_empty(w.shape), db
+def _(h, w, bias, y, eps, z, backend):
+    return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float64)
 
 
 @torch.library.custom_op("mmfast::linear_cross_entropy_backward", mutates_args=())
@@ -161,21 +145,15 @@ def _(h, w, bias, y, lse, row_weight, eps, z, backend):
 
 
 def _lce_setup(ctx, inputs, output):
-    h, w, bias, y, row_weight, eps, z, backend = inputs
-    _, lse, dh, dw, db = output
-    ctx.fused = row_weight is not None
-    ctx.save_for_backward(*((dh, dw, db) if ctx.fused else (h, w, bias, y, lse)))
+    h, w, bias, y, eps, z, backend = inputs
+    ctx.save_for_backward(h, w, bias, y, output[1])
     ctx.eps, ctx.z, ctx.backend = eps, z, backend
 
 
-def _lce_backward(ctx, grad_loss, *unused):
-    if ctx.fused:  # gradients formed in forward for an incoming gradient of 1
-        dh, dw, db = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    else:
-        h, w, bias, y, lse = ctx.saved_tensors
-        dh, dw, db = linear_cross_entropy_backward(h, w, bias, y, lse, grad_loss, ctx.eps, ctx.z, ctx.backend)
-    has_bias = db.numel() > 0
-    return dh, dw, db if has_bias else None, None, None, None, None, None
+def _lce_backward(ctx, grad_loss, grad_lse):
+    h, w, bias, y, lse = ctx.saved_tensors
+    dh, dw, db = linear_cross_entropy_backward(h, w, bias, y, lse, grad_loss, ctx.eps, ctx.z, ctx.backend)
+    return dh, dw, db if bias is not None else None, None, None, None, None
 
 
 linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)

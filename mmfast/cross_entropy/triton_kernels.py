@@ -53,7 +53,9 @@ def _expm1(d):
     """e^d − 1 accurate for small d: (u − 1)·d / log(u) with u = e^d (tl has no expm1 that also
     runs in the interpreter)."""
     u = tl.exp(d)
-    return tl.where(u == 1.0, d, tl.where(tl.abs(d) < 0.5, (u - 1.0) * d / tl.log(u), u - 1.0))
+    log_u = tl.log(u)
+    safe = tl.where(log_u == 0.0, 1.0, log_u)  # u = 1: the result is d (no 0/0 even where unused)
+    return tl.where(log_u == 0.0, d, tl.where(tl.abs(d) < 0.5, (u - 1.0) * d / safe, u - 1.0))
 
 
 @triton.jit
@@ -61,6 +63,15 @@ def _target_grad(x_y, hi, lo, w, lse, eps, z, V):
     """The target's entry of g: a·(softmax_y − 1) + w·(2z·lse + ε·(1 − 1/V)), a = w·(1 + 2z·lse)."""
     a = w * (1.0 + 2.0 * z * lse)
     return a * _expm1((x_y - hi) - lo) + w * (2.0 * z * lse + eps * (1.0 - 1.0 / V))
+
+
+@triton.jit
+def _sum_exp(x, ref, axis: tl.constexpr):
+    """Σ exp(x − ref) along axis in fp64, ref ≥ x. Entries equal to ref add exactly 1 each and are
+    counted apart: summed in fp32 with the rest, that 1 would swamp the small terms of a peaked
+    row, whose whole loss, lse − x_y = log(1 + Σ_{v≠y} e^(x_v − x_y)), is made of them."""
+    top = tl.where(x == ref, 1.0, 0.0)
+    return tl.sum(tl.exp(x - ref) - top, axis=axis).to(tl.float64) + tl.sum(top, axis=axis).to(tl.float64)
 
 
 @triton.jit
@@ -73,7 +84,7 @@ def _row_stats(x_row, V, BLOCK_V: tl.constexpr):
         x = tl.load(x_row + v0 + cols, mask=cols < V - v0, other=float("-inf")).to(tl.float32)
         new_mx = tl.maximum(mx, tl.max(x, axis=0))
         ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-        total = total * tl.exp(mx - ref).to(tl.float64) + tl.sum(tl.exp(x - ref), axis=0).to(tl.float64)
+        total = total * tl.exp(mx - ref).to(tl.float64) + _sum_exp(x, ref, 0)
         mx = new_mx
     return mx, total
 
@@ -197,7 +208,7 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, kept_ptr, mx_ptr, sum
         c = v0 + tl.arange(0, BLOCK_N)
         xm = tl.where((c < v_end)[None, :], x, float("-inf"))
         new_mx = tl.maximum(mx, tl.max(xm, axis=1))
-        total = total * tl.exp(mx - new_mx).to(tl.float64) + tl.sum(tl.exp(xm - new_mx[:, None]), axis=1).to(tl.float64)
+        total = total * tl.exp(mx - new_mx).to(tl.float64) + _sum_exp(xm, new_mx[:, None], 1)
         mx = new_mx
         x_y += tl.sum(tl.where(c[None, :] == y[:, None], x, 0.0), axis=1)
         sum_x += tl.sum(x, axis=1).to(tl.float64)  # x is 0 past v_end
@@ -255,11 +266,8 @@ def _compact(y: Tensor):
     return order, kept.sum().reshape(1).to(torch.int64)
 
 
-def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, row_weight: Optional[Tensor],
-                         eps: float, z: float):
-    """Forward only (op.py never asks this backend for fused gradients): → loss (T,) fp32, lse (T,)
-    fp64, and three empty tensors."""
-    assert row_weight is None, "the triton backend recomputes the logits in backward"
+def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float):
+    """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss (T,) fp32, lse (T,) fp64."""
     h, w, y = h.contiguous(), w.contiguous(), y.contiguous()
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
     order, n_kept = _compact(y)
@@ -281,12 +289,11 @@ def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor
     if eps:
         loss = loss - eps * xsum.sum(0) / v
     kept = y >= 0
-    return (torch.where(kept, loss, 0.0).float(), torch.where(kept, lse, 0.0),
-            h.new_empty(0), h.new_empty(0), h.new_empty(0))
+    return torch.where(kept, loss, 0.0).float(), torch.where(kept, lse, 0.0)
 
 
-def linear_cross_entropy_backward(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, lse: Tensor,
-                                  row_weight: Tensor, eps: float, z: float):
+def linear_cross_entropy_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, lse: Tensor,
+                              row_weight: Tensor, eps: float, z: float):
     """→ dh (T, Dh), dw (V, Dh), dbias (V,) or (0,): gradients of Σ_t row_weight_t·loss_t."""
     h, w, y = h.contiguous(), w.contiguous(), y.contiguous()
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
