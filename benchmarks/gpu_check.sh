@@ -2,7 +2,8 @@
 # The GPU check, for a bare machine with one CUDA GPU and torch + Triton preinstalled (no network).
 # Installs mmfast (pure Python: the GPU backend is Triton; mmfast._C is the CPU one), runs the gpu
 # test tier, then the GPU benchmark; its JSON goes to $OUT if set, else benchmarks/results/.
-# Peers' wheels (open-clip-torch, inf-cl) may lie in .whl/ beside the checkout (git-ignored).
+# Peers' wheels (open-clip-torch, inf-cl, liger-kernel, cut-cross-entropy) may lie in .whl/ beside
+# the checkout (git-ignored).
 #
 #   bash benchmarks/gpu_check.sh [--quick]      # --quick: fewer sizes, for a rerun
 set -uo pipefail
@@ -24,7 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 
 timeout 240 python3 -m pytest -q -ra -m gpu tests/test_gpu.py
 tests_rc=$?
-timeout 400 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
+timeout 300 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
 bench_rc=$?
-echo "gpu tests exit $tests_rc, benchmark exit $bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+timeout 150 python3 benchmarks/bench_gpu_cross_entropy.py "${quick[@]}" ${OUT:+--out "$OUT"}
+mlm_rc=$?
+echo "gpu tests exit $tests_rc, contrastive benchmark exit $bench_rc, masked-LM benchmark exit $mlm_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || mlm_rc != 0 ))

@@ -14,7 +14,7 @@ TORCH_LIBRARY(mmfast, m) {
         " -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale, Tensor grad_bias)");
   // Masked-LM softmax (csrc/cross_entropy_cpu.h): per-row loss (T,) fp32 and lse (T,) fp64; the gradient of
   // Σ_t row_weight_t·loss_t written to out (which may be x); linear + cross-entropy over kept rows
-  // (forward, and its gradient from the forward's lse).
+  // (forward, its gradient from the forward's lse, and both at once).
   m.def("cpu_cross_entropy(Tensor x, Tensor target, int ignore_index, float eps, float z) -> (Tensor loss, Tensor lse)");
   m.def("cpu_cross_entropy_grad(Tensor x, Tensor target, Tensor row_weight, int ignore_index, float eps, float z,"
         " Tensor(a!) out) -> ()");
@@ -22,6 +22,9 @@ TORCH_LIBRARY(mmfast, m) {
         " float z) -> (Tensor loss, Tensor lse)");
   m.def("cpu_linear_cross_entropy_grad(Tensor h, Tensor w, Tensor? bias, Tensor target, Tensor lse, Tensor row_weight,"
         " int ignore_index, float eps, float z) -> (Tensor grad_h, Tensor grad_w, Tensor grad_bias)");
+  m.def("cpu_linear_cross_entropy_fused(Tensor h, Tensor w, Tensor? bias, Tensor target, Tensor row_weight,"
+        " int ignore_index, float eps, float z)"
+        " -> (Tensor loss, Tensor lse, Tensor grad_h, Tensor grad_w, Tensor grad_bias)");
   m.def("cpu_capability() -> str", [] { return std::string(mmfast::capability_name(mmfast::cpu_capability())); });
 }
 

@@ -134,7 +134,8 @@ LCE_SHAPES = [(1, 7, 5), (9, 1, 3), (37, 129, 33), (300, 1031, 24), (270, 600, 7
 @pytest.mark.parametrize("t,v,d", LCE_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "smooth", "zloss", "both"])
-def test_linear_cross_entropy_fp32(backend, t, v, d, with_bias, options):
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # cpu, torch: gradients formed in forward, or recomputed
+def test_linear_cross_entropy_fp32(backend, t, v, d, with_bias, options, reduction):
     skip_if_interpreted_and_large(backend, t, v, d)
     # (300, 1031, 24) with none ignored crosses the CPU kernel's 256-row blocks and 512-column chunks.
     ignored = 0.0 if t == 300 else 0.15
@@ -143,13 +144,26 @@ def test_linear_cross_entropy_fp32(backend, t, v, d, with_bias, options):
     eps, z = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0)
 
     def ours(h, w, b=None):
-        return mmfast.linear_cross_entropy(h, w, y, bias=b, backend=backend, **options)
+        return mmfast.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend, **options)
 
     def ref(h, w, b=None):
-        return oracle.linear_masked_lm_loss(h, w, y, b, eps=eps, z=z)
+        return oracle.linear_masked_lm_loss(h, w, y, b, eps=eps, z=z, reduction=reduction)
 
     check(loss_and_grads(ours, tensors), loss_and_grads(ref, [x.double() for x in tensors]), FP32_TOL,
           ["loss", "d_hidden", "d_weight", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch", "cpu"]))
+def test_fused_gradients_are_used_once(backend):
+    """The fused path scales its saved gradients in place: a second backward through the same graph
+    raises instead of returning rescaled gradients; a retained graph's first backward is right."""
+    h, w, y = randn(20, 8).requires_grad_(), randn(30, 8).requires_grad_(), targets(20, 30)
+    loss = mmfast.linear_cross_entropy(h, w, y, backend=backend)
+    (2 * loss).backward(retain_graph=True)
+    expected = torch.autograd.grad(2 * oracle.linear_masked_lm_loss(h.double(), w.double(), y), [h])[0]
+    assert rel_err(h.grad, expected, floor=1e-30) < FP32_TOL
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -303,6 +317,8 @@ def test_opcheck(backend):
         (op.linear_cross_entropy, (h, w, None, y, 0.0, 0.0, backend)),
         (op.linear_cross_entropy_backward, (h, w, b, y, lse, torch.rand(9), 0.1, 1e-3, backend)),
     ]
+    if backend in op.FUSED:
+        cases.append((op.linear_cross_entropy_fused, (h, w, b, y, torch.rand(9), 0.1, 1e-3, backend)))
     for fn, args in cases:
         torch.library.opcheck(fn, args)
     # The differentiable ops with inputs that require grad: their autograd registration (their

@@ -69,8 +69,10 @@ def linear_cross_entropy(
     target is kept and never holding the (T, V) logits.
 
     hidden: (T, Dh) or (B, S, Dh), weight: (V, Dh), bias: (V,) or None, target: (T,) or (B, S).
-    Gradients for hidden, weight (accumulated in fp32) and bias; the backward recomputes the kept
-    rows' logits tile by tile (8·T_kept·V·Dh FLOPs in all, a few tiles of working memory).
+    Gradients for hidden, weight (accumulated in fp32) and bias. For a scalar loss (reduction mean
+    or sum) whose gradient is wanted, the `cpu` and `torch` backends form the gradients in the
+    forward pass from the same logits (6·T_kept·V·Dh FLOPs) and hold them until backward;
+    otherwise the backward recomputes the logits tile by tile (8·T_kept·V·Dh in all).
     """
     h = _checks.tensor_2d_or_3d("hidden", hidden)
     w = _checks.features("weight", weight)
@@ -91,6 +93,11 @@ def linear_cross_entropy(
     h2, y2 = h.reshape(-1, h.shape[-1]), _kernel_targets(y.reshape(-1), ignore_index)
     if name == "reference":
         return _reduce(reference.linear_cross_entropy_rows(h2, w, bias, y2, eps, z), y2, reduction, y.shape)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h2, w, bias))
+    if reduction != "none" and wants_grad and name in op.FUSED:
+        kept = (y2 >= 0).float()
+        row_weight = kept / kept.sum().clamp_min(1.0) if reduction == "mean" else kept
+        return op.linear_cross_entropy_fused(h2, w, bias, y2, row_weight, eps, z, name)[0]
     rows = op.linear_cross_entropy(h2, w, bias, y2, eps, z, name)[0]
     return _reduce(rows, y2, reduction, y.shape)
 

@@ -10,9 +10,14 @@
         h: (T, Dh), w: (V, Dh), bias: (V,) or None; the logits x = h·wᵀ + bias of the kept rows
         only, in tiles, never T×V (2·T_kept·V·Dh FLOPs).
     its backward recomputes the logits tile by tile with the saved lse and forms dh, dw (accumulated
-    in fp32) and dbias (6·T_kept·V·Dh FLOPs). 8·T_kept·V·Dh in all: forming the gradients in the
-    forward would save a quarter of the FLOPs but must hold a block of whole rows of x (rows × V)
-    and dW from forward to backward; recomputing keeps the working memory to a few tiles.
+    in fp32) and dbias (6·T_kept·V·Dh FLOPs): 8·T_kept·V·Dh in all, a few tiles of working memory.
+
+    linear_cross_entropy_fused(h, w, bias, y, row_weight) → (Σ_t row_weight_t·loss_t, dh, dw, dbias)
+        the loss and its gradients at once (`cpu` and `torch`): for a scalar loss (reduction mean or
+        sum, row_weight = 1/T_kept or 1 on kept rows) whose gradient is wanted, the gradients come
+        from the forward's own logits, a block of rows × V at a time (6·T_kept·V·Dh FLOPs). They are
+        held until backward, which scales them in place by the incoming gradient (so a second
+        backward through the same graph raises, as for any tensor modified in place).
 
 All are torch.library custom ops with fakes, so torch.compile(fullgraph=True) keeps them whole.
 """
@@ -43,6 +48,10 @@ def _cpu_linear_cross_entropy_grad(h, w, bias, y, lse, row_weight, eps, z):
     return torch.ops.mmfast.cpu_linear_cross_entropy_grad(h, w, bias, y, lse, row_weight, -1, eps, z)
 
 
+def _cpu_linear_cross_entropy_fused(h, w, bias, y, row_weight, eps, z):
+    return torch.ops.mmfast.cpu_linear_cross_entropy_fused(h, w, bias, y, row_weight, -1, eps, z)
+
+
 def _triton(name):
     def call(*args):
         from mmfast.cross_entropy import triton_kernels  # imports triton: only once this backend runs
@@ -54,6 +63,8 @@ def _triton(name):
 
 # backend → (cross_entropy, cross_entropy_grad, linear_cross_entropy, linear_cross_entropy_grad),
 # with the signatures of the chunked.py functions.
+FUSED = {"torch": chunked.linear_cross_entropy_fused, "cpu": _cpu_linear_cross_entropy_fused}
+
 IMPLS = {
     "torch": (chunked.cross_entropy, chunked.cross_entropy_grad, chunked.linear_cross_entropy,
               chunked.linear_cross_entropy_grad),
@@ -157,3 +168,33 @@ def _lce_backward(ctx, grad_loss, grad_lse):
 
 
 linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+@torch.library.custom_op("mmfast::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(
+    h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, row_weight: Tensor, eps: float, z: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with no_autocast(h):
+        loss, _, dh, dw, db = FUSED[backend](h, w, bias, y, row_weight, eps, z)
+    return (loss.double() * row_weight.double()).sum().float(), dh, dw, db
+
+
+@linear_cross_entropy_fused.register_fake
+def _(h, w, bias, y, row_weight, eps, z, backend):
+    db = bias.new_empty(bias.shape) if bias is not None else h.new_empty(0)
+    return h.new_empty((), dtype=torch.float32), h.new_empty(h.shape), w.new_empty(w.shape), db
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.has_bias = inputs[2] is not None
+
+
+def _fused_backward(ctx, grad_loss, *unused):
+    dh, dw, db = ctx.saved_tensors
+    for g in (dh, dw, db):  # in place: a copy of dW would double the op's memory
+        g.mul_(grad_loss.to(g.dtype))
+    return dh, dw, db if ctx.has_bias else None, None, None, None, None, None
+
+
+linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
