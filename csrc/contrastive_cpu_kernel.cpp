@@ -2,6 +2,8 @@
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "contrastive_cpu.h"
 
+#include "blas_threads.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -72,6 +74,7 @@ void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass) {
   std::atomic<int64_t> next{0};
   std::mutex flush_lock;
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas one_blas_thread;
     const int thread = at::get_thread_num();
     std::vector<float> buffer(kRows * ld_max), mask(ld_max);
     float* p = buffer.data();

@@ -2,6 +2,8 @@
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "cross_entropy_cpu.h"
 
+#include "blas_threads.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -149,12 +151,23 @@ void cross_entropy_rows(const CrossEntropyRows& args) {
 constexpr int64_t kBlockRows = 256;
 constexpr int64_t kChunk = 512;
 
+// x[r, :] += v for each of the rows of x (rows × cols, contiguous).
+void add_to_rows(float* x, int64_t rows, int64_t cols, const float* v) {
+  const int64_t body = cols - cols % kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * cols;
+    for (int64_t c = 0; c < body; c += kW) (Vec::loadu(xr + c) + Vec::loadu(v + c)).store(xr + c);
+    for (int64_t c = body; c < cols; ++c) xr[c] += v[c];
+  }
+}
+
 // Calls f(thread, chunk) for chunk = 0 … chunks − 1, handing chunks to whichever thread is free
 // (the machines are shared: static splits leave a thread waiting on a slower one).
 template <class F>
 void for_each_chunk(int64_t chunks, F&& f) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas one_blas_thread;
     const int thread = at::get_thread_num();
     for (int64_t c = next++; c < chunks; c = next++) f(thread, c);
   });
@@ -176,12 +189,9 @@ void walk_tiles(const LinearCrossEntropy& p, Tile&& tile, BlockDone&& block_done
     for_each_chunk(chunks, [&](int thread, int64_t c) {
       const int64_t c0 = c * kChunk, cols = std::min(kChunk, vocab - c0);
       at::Tensor x = buffers[thread].slice(0, 0, rows * cols).view({rows, cols});
-      const at::Tensor wc = p.w.slice(0, c0, c0 + cols);
-      if (p.bias.defined()) {
-        at::addmm_out(x, p.bias.slice(0, c0, c0 + cols), hb, wc.t());
-      } else {
-        at::mm_out(x, hb, wc.t());
-      }
+      at::mm_out(x, hb, p.w.slice(0, c0, c0 + cols).t());
+      // The bias row by row (at::addmm_out would take another GEMM path, which starts threads of its own).
+      if (p.bias.defined()) add_to_rows(x.data_ptr<float>(), rows, cols, p.bias.data_ptr<float>() + c0);
       tile(thread, b0, rows, hb, c0, cols, x);
     });
     block_done(b0, rows);
