@@ -8,7 +8,7 @@ DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy ninja cmake setuptools wheel \
 # Peers compared in the benchmarks; only open_clip's loss.py is loaded (benchmarks/peers.py).
 PEERS   := open-clip-torch
 
-.PHONY: setup demo test bench bench-contrastive clean
+.PHONY: setup demo test bench bench-contrastive bench-cross-entropy clean
 
 setup: $(VENV)/.installed
 
@@ -19,18 +19,22 @@ $(VENV)/.installed: setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*)
 	$(PYBIN) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-# The main job: until the training demo lands, the contrastive benchmark at one size.
+# The main job: until the training demo lands, each op family's benchmark at one size.
 demo: setup
 	$(PYBIN) -m mmfast info
 	$(PYBIN) benchmarks/bench_contrastive.py --sizes 4096 --repeats 3 --out build/demo
+	$(PYBIN) benchmarks/bench_cross_entropy.py --shapes bert --impls cpu masked_torch floor --repeats 3 --out build/demo
 
 test: setup
 	$(PYBIN) -m pytest -q -ra tests
 
-bench: bench-contrastive
+bench: bench-contrastive bench-cross-entropy
 
 bench-contrastive: setup
 	$(PYBIN) benchmarks/bench_contrastive.py
+
+bench-cross-entropy: setup
+	$(PYBIN) benchmarks/bench_cross_entropy.py
 
 clean:
 	rm -rf build *.egg-info mmfast/_C*.so $(VENV)

@@ -76,16 +76,23 @@ def run_case(fn, n: int, d: int, repeats: int) -> dict:
         a.grad = b.grad = scale.grad = None
         fn(a, b, scale).backward()
 
+    return time_and_memory(step, [a, b, scale], repeats)
+
+
+def time_and_memory(step, leaves, repeats: int) -> dict:
+    """Median CUDA time of step() and its peak memory beyond what existed before; an exception
+    (out of memory, a peer's failure) is recorded instead, so one implementation cannot end the run."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     try:
         times = cuda_time(step, 1, repeats)
-    except Exception as exc:  # one failing implementation must not end the run
+    except Exception as exc:
         oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
         return {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:200]}"}
     finally:
-        a.grad = b.grad = scale.grad = None
+        for leaf in leaves:
+            leaf.grad = None
         torch.cuda.empty_cache()
     return {"times_s": times, "median_s": statistics.median(times),
             "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}

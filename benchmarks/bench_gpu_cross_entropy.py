@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 from bench_cross_entropy import KEPT, SHAPES  # noqa: E402
-from bench_gpu import cuda_time  # noqa: E402
+from bench_gpu import cuda_time, time_and_memory  # noqa: E402
 
 
 def loss_fns(kept_rows):
@@ -68,19 +68,7 @@ def run_case(fn, h, w, y, repeats: int) -> dict:
         h.grad = w.grad = None
         fn(h, w, y).backward()
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        times = cuda_time(step, 1, repeats)
-    except Exception as exc:  # one failing implementation must not end the run
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        return {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:200]}"}
-    finally:
-        h.grad = w.grad = None
-        torch.cuda.empty_cache()
-    return {"times_s": times, "median_s": statistics.median(times),
-            "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
+    return time_and_memory(step, [h, w], repeats)
 
 
 def floor_time(h, w, kept_rows, repeats: int) -> dict:

@@ -31,6 +31,16 @@ def _check(ours, ref, tensors, dtype, eager=None):
         assert rel_err(o.cpu(), r, floor=1.0) <= tol
 
 
+def cuda_peak_growth(fn) -> int:
+    """Bytes of GPU memory fn() allocates at its peak beyond what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(1000, 200), (4097, 512), (777, 1100)])
@@ -62,12 +72,7 @@ def test_triton_memory_has_no_nxn_buffer():
     a = features(n, d, torch.bfloat16).cuda().requires_grad_()
     b = features(n, d, torch.bfloat16).cuda().requires_grad_()
     s = torch.tensor(100.0, device="cuda", requires_grad=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    mmfast.clip_loss(a, b, s, backend="triton").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = cuda_peak_growth(lambda: mmfast.clip_loss(a, b, s, backend="triton").backward())
     assert extra < n * n * 2 / 50, f"{extra / 2**20:.0f} MiB extra, an N×N bf16 buffer is {n * n * 2 / 2**20:.0f} MiB"
 
 
@@ -114,11 +119,6 @@ def test_triton_linear_cross_entropy_has_no_txv_buffer():
     w = (torch.randn(v, d, device="cuda") * d ** -0.5).bfloat16().requires_grad_()
     y = torch.randint(0, v, (t,), device="cuda")
     y[torch.rand(t, device="cuda") >= 0.15] = -100
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    mmfast.linear_cross_entropy(h, w, y, backend="triton").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = cuda_peak_growth(lambda: mmfast.linear_cross_entropy(h, w, y, backend="triton").backward())
     # The gradients themselves (dW in fp32 while accumulating: 94 MB; dH: 12.6 MB) and O(T) buffers.
     assert extra < t * v * 2 / 4, f"{extra / 2**20:.0f} MiB extra, a T×V bf16 buffer is {t * v * 2 / 2**20:.0f} MiB"
