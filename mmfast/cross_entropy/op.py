@@ -159,9 +159,12 @@ def _lce_setup(ctx, inputs, output):
     h, w, bias, y, eps, z, backend = inputs
     ctx.save_for_backward(h, w, bias, y, output[1])
     ctx.eps, ctx.z, ctx.backend = eps, z, backend
+    ctx.set_materialize_grads(False)  # lse's gradient is unused: no zeros for it
 
 
 def _lce_backward(ctx, grad_loss, grad_lse):
+    if grad_loss is None:  # only lse was used: it carries no gradient
+        return (None,) * 7
     h, w, bias, y, lse = ctx.saved_tensors
     dh, dw, db = linear_cross_entropy_backward(h, w, bias, y, lse, grad_loss, ctx.eps, ctx.z, ctx.backend)
     return dh, dw, db if bias is not None else None, None, None, None, None
@@ -188,9 +191,12 @@ def _(h, w, bias, y, row_weight, eps, z, backend):
 def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # else autograd fills zero "gradients" of dh, dw, dbias: 3 more buffers
 
 
 def _fused_backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 8
     dh, dw, db = ctx.saved_tensors
     for g in (dh, dw, db):  # in place: a copy of dW would double the op's memory
         g.mul_(grad_loss.to(g.dtype))
