@@ -2,7 +2,7 @@
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "contrastive_cpu.h"
 
-#include "blas_threads.h"
+#include "worker_guard.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -73,8 +73,9 @@ void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass) {
   const int nthreads = at::get_num_threads();
   std::atomic<int64_t> next{0};
   std::mutex flush_lock;
+  const at::ThreadLocalState caller;
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    const SingleThreadedBlas one_blas_thread;
+    const WorkerGuard worker(caller);
     const int thread = at::get_thread_num();
     std::vector<float> buffer(kRows * ld_max), mask(ld_max);
     float* p = buffer.data();

@@ -2,7 +2,7 @@
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "cross_entropy_cpu.h"
 
-#include "blas_threads.h"
+#include "worker_guard.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -166,8 +166,9 @@ void add_to_rows(float* x, int64_t rows, int64_t cols, const float* v) {
 template <class F>
 void for_each_chunk(int64_t chunks, F&& f) {
   std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const SingleThreadedBlas one_blas_thread;
+    const WorkerGuard worker(caller);
     const int thread = at::get_thread_num();
     for (int64_t c = next++; c < chunks; c = next++) f(thread, c);
   });
