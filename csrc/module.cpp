@@ -12,6 +12,9 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("cpu_contrastive_grad(Tensor a, Tensor b, float scale, float bias, Tensor? positives, bool sigmoid, Tensor row,"
         " Tensor col, Tensor row_weight, Tensor col_weight, bool need_a, bool need_b)"
         " -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale, Tensor grad_bias)");
+  // Similarity family (csrc/similarity_cpu.h).
+  m.def("cpu_topk_similarity(Tensor a, Tensor b, int k, float scale, bool normalize) -> (Tensor values, Tensor indices)");
+  m.def("cpu_similarity(Tensor a, Tensor b, float scale, bool normalize, ScalarType out_dtype) -> Tensor");
   m.def("cpu_capability() -> str", [] { return std::string(mmfast::capability_name(mmfast::cpu_capability())); });
 }
 
