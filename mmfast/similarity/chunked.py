@@ -51,8 +51,8 @@ def similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_dtype: 
 
 
 def topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, normalize: bool):
-    """Row blocks × column chunks: each chunk's scores → rank keys → its top min(k, cols), merged
-    into the block's running top k by one more topk over the 2k candidates' rank keys."""
+    """Row blocks × column chunks; each chunk's top min(k, cols) is merged into the block's running
+    top k by one topk over the 2k candidates' rank keys (order.py)."""
     n, m = q.shape[0], keys.shape[0]
     q1 = scaled_rows(q, _scale_value(scale), normalize)
     k32 = keys.float()
@@ -67,11 +67,25 @@ def topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, normalize: b
             s = q1[i0:i0 + rows] @ k32[j0:j0 + cols].T
             if col_scale is not None:
                 s *= col_scale[j0:j0 + cols]
-            columns = torch.arange(j0, j0 + s.shape[1], device=s.device)
-            chunk = order.top(order.rank_keys(s, columns), min(k, s.shape[1]))
+            chunk = _chunk_top(s, j0, min(k, s.shape[1]))
             best = chunk if best is None else order.top(torch.cat([best, chunk], dim=1), min(k, best.shape[1] + chunk.shape[1]))
         values[i0:i0 + rows], indices[i0:i0 + rows] = order.decode(best)
     return values, indices
+
+
+def _chunk_top(s: Tensor, j0: int, kk: int) -> Tensor:
+    """Rank keys of the top kk of each row of the chunk s (columns j0…), sorted. torch.topk picks
+    the set; it is the rule's set unless more than kk entries reach the row's kk-th value (a tie
+    at the boundary, where torch.topk's choice is unspecified, or NaNs): those rows are redone
+    from the rank keys of the whole row."""
+    vals, cols = torch.topk(s, kk, dim=1, sorted=True)
+    reach = (~(s < vals[:, -1:])).sum(1)  # entries >= the kk-th value, NaNs included
+    rank = order.top(order.rank_keys(vals, cols + j0), kk)
+    tied = torch.nonzero(reach > kk)[:, 0]
+    if len(tied):
+        columns = torch.arange(j0, j0 + s.shape[1], device=s.device)
+        rank[tied] = order.top(order.rank_keys(s[tied], columns), kk)
+    return rank
 
 
 def similarity_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, normalize: bool, need_a: bool,
