@@ -26,5 +26,8 @@ timeout 240 python3 -m pytest -q -ra -m gpu tests/test_gpu.py
 tests_rc=$?
 timeout 400 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
 bench_rc=$?
-echo "gpu tests exit $tests_rc, benchmark exit $bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+# topk_similarity, bf16, 10^5 queries × 10^6 keys (--quick: 2·10^4 × 2·10^5)
+timeout 300 python3 benchmarks/bench_gpu.py --topk "${quick[@]}" ${OUT:+--out "$OUT"}
+topk_rc=$?
+echo "gpu tests exit $tests_rc, benchmark exit $bench_rc, top-k benchmark exit $topk_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || topk_rc != 0 ))

@@ -25,9 +25,11 @@ int64_t env_or(const char* name, int64_t fallback) {
 }
 
 // A work unit is kRows rows of S against a column segment, walked in tiles of kRows × kCols: one
-// single-threaded ATen GEMM (MKL) per tile into the thread's buffer, then the selection scan.
-int64_t kRows = 256, kCols = 1024;
-bool kNoScan = false;
+// single-threaded ATen GEMM (MKL) per tile into the thread's buffer (2 MB: a core's L2), then the
+// selection scan over it. MMFAST_TOPK_ROWS / MMFAST_TOPK_COLS override the tile (for tuning;
+// read once).
+const int64_t kRows = env_or("MMFAST_TOPK_ROWS", 512);
+const int64_t kCols = env_or("MMFAST_TOPK_COLS", 1024);
 
 struct Entry {
   float v;
@@ -123,7 +125,6 @@ void scan_row(RowTopK& row, const float* z, const float* col_scale, int64_t j0, 
 
 void topk_similarity(const at::Tensor& a, const at::Tensor& b, const float* col_scale, int64_t k,
                      at::Tensor& values, at::Tensor& indices) {
-  kRows = env_or("MMFAST_TOPK_ROWS", 256); kCols = env_or("MMFAST_TOPK_COLS", 1024); kNoScan = env_or("MMFAST_TOPK_NOSCAN", 0);
   const int64_t n = a.size(0), m = b.size(0);
   const int64_t row_blocks = (n + kRows - 1) / kRows;
   const int nthreads = at::get_num_threads();
@@ -167,7 +168,7 @@ void topk_similarity(const at::Tensor& a, const at::Tensor& b, const float* col_
         const int64_t cols = std::min(kCols, c1 - j0);
         at::Tensor z = at::from_blob(tile.data(), {nr, cols}, a.options());
         at::mm_out(z, a_rows, b.narrow(0, j0, cols).t());
-        if (!kNoScan) for (int64_t r = 0; r < nr; ++r) scan_row(rows[r], tile.data() + r * cols, col_scale != nullptr ? col_scale + j0 : nullptr, j0, cols, k, cap);
+        for (int64_t r = 0; r < nr; ++r) scan_row(rows[r], tile.data() + r * cols, col_scale != nullptr ? col_scale + j0 : nullptr, j0, cols, k, cap);
       }
       for (int64_t r = 0; r < nr; ++r) emit(i0 + r, seg, best.data(), rows[r].finish(k, best.data()));
     }
