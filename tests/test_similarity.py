@@ -48,7 +48,8 @@ def check_topk(values, indices, s64, k, tol=FP32_TOL):
     assert bool((values[:, :-1] >= values[:, 1:]).all())
 
 
-SHAPES = [(1, 1, 1), (7, 129, 13), (129, 7, 33), (40, 150, 37), (300, 1000, 100)]
+# (5, 3000, 16): few rows, many columns: the cpu kernel splits the columns into segments and merges.
+SHAPES = [(1, 1, 1), (7, 129, 13), (129, 7, 33), (40, 150, 37), (300, 1000, 100), (5, 3000, 16)]
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -92,6 +93,18 @@ def test_topk_ties_are_exact(backend, normalize, dtype):
         ref_values, ref_indices = brute_topk(s64, k)
         assert torch.equal(indices, ref_indices), k
         assert torch.equal(values.double(), ref_values), k
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_ties_across_column_segments(backend):
+    """Few queries, many keys (the cpu kernel splits the columns and merges), the duplicates of a
+    key far apart (in different segments, tiles and chunks): still ties to the lower index."""
+    a, b = exact_features(3, 8, False, 11), exact_features(2100, 8, False, 12)
+    b[1500:] = b[:600].clone()
+    for k in (1, 10, 2100):
+        values, indices = mmfast.topk_similarity(a, b, k, backend=backend)
+        ref_values, ref_indices = brute_topk(scores64(a, b, 1.0, False), k)
+        assert torch.equal(indices, ref_indices) and torch.equal(values.double(), ref_values)
 
 
 @pytest.mark.parametrize("backend", ALL)
