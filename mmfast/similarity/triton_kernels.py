@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from mmfast.contrastive.triton_kernels import INTERPRET, _mm, _on_device, _precision, _unscaled_logits, _wide  # noqa: F401
+from mmfast.contrastive.triton_kernels import INTERPRET, _on_device, _precision, _unscaled_logits, _wide
 from mmfast.similarity import chunked, order
 
 K_MAX = 64
