@@ -8,7 +8,7 @@ DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy ninja cmake setuptools wheel \
 # Peers compared in the benchmarks; only open_clip's loss.py is loaded (benchmarks/peers.py).
 PEERS   := open-clip-torch
 
-.PHONY: setup demo test bench bench-contrastive bench-cross-entropy clean
+.PHONY: setup demo test bench bench-contrastive bench-cross-entropy bench-similarity clean
 
 setup: $(VENV)/.installed
 
@@ -28,13 +28,16 @@ demo: setup
 test: setup
 	$(PYBIN) -m pytest -q -ra tests
 
-bench: bench-contrastive bench-cross-entropy
+bench: bench-contrastive bench-cross-entropy bench-similarity
 
 bench-contrastive: setup
 	$(PYBIN) benchmarks/bench_contrastive.py
 
 bench-cross-entropy: setup
 	$(PYBIN) benchmarks/bench_cross_entropy.py
+
+bench-similarity: setup
+	$(PYBIN) benchmarks/bench_similarity.py
 
 clean:
 	rm -rf build *.egg-info mmfast/_C*.so $(VENV)

@@ -2,6 +2,7 @@
 open_clip's ClipLoss, Inf-CL (when installed), and torch.compile of the reference.
 
     python benchmarks/bench_gpu.py [--quick] [--out DIR]
+    python benchmarks/bench_gpu.py --topk [--out DIR]    # topk_similarity instead (see topk_main)
 
 Also measures the machine's bf16 matmul peak (torch.mm, 8192³), so each row's effective TFLOP/s
 (8·N²·D counted for every implementation) comes with its ratio to that peak. Times are medians
@@ -98,11 +99,61 @@ def time_and_memory(step, leaves, repeats: int) -> dict:
             "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
 
 
+def topk_main(args) -> int:
+    """topk_similarity, bf16, N = 10^5 queries × M = 10^6 keys, D = 256, k = 10 (the score matrix
+    would be 200 GB): the triton backend against the torch backend (chunked) on the same GPU, and
+    their agreement on the first 2048 queries (the full matrix is recorded as the out of memory it is)."""
+    import mmfast
+
+    n, m, d, k = (20_000, 200_000, 256, 10) if args.quick else (100_000, 1_000_000, 256, 10)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
+    keys = torch.nn.functional.normalize(torch.randn(m, d, device="cuda", generator=g), dim=1).bfloat16()
+    fns = {
+        "mmfast-triton": lambda: mmfast.topk_similarity(q, keys, k, backend="triton"),
+        "mmfast-torch": lambda: mmfast.topk_similarity(q, keys, k, backend="torch"),
+        "full_torch": lambda: torch.topk(q @ keys.T, k, dim=1),
+    }
+    rows = []
+    for name, fn in fns.items():
+        print(f"  top-k N={n} M={m} D={d} k={k} {name} ...", file=sys.stderr, flush=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            times = cuda_time(fn, 1, 3)
+            row = {"times_s": times, "median_s": statistics.median(times),
+                   "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
+            row["tflops"] = 2 * n * m * d / row["median_s"] / 1e12
+            row["extra_peak_mb"] = row["extra_peak_bytes"] / 2**20
+        except Exception as exc:  # one failing implementation must not end the run
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+            row = {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:200]}"}
+        torch.cuda.empty_cache()
+        rows.append({"impl": name, "N": n, "M": m, "D": d, "k": k, **row})
+    sub = q[:2048]
+    (v_tr, i_tr), (v_to, i_to) = (mmfast.topk_similarity(sub, keys, k, backend=b) for b in ("triton", "torch"))
+    agreement = {"queries": 2048, "max_abs_value_diff": float((v_tr - v_to).abs().max()),
+                 "index_match_fraction": float((i_tr == i_to).double().mean())}
+    print(f"agreement triton vs torch: {agreement}", flush=True)
+    machine = {**harness.machine(), "gpu": torch.cuda.get_device_name(0)}
+    payload = {"bench": "topk_similarity", "device": "cuda", "dtype": "bfloat16", "machine": machine,
+               "flops_counted": "2*N*M*D", "agreement": agreement, "rows": rows}
+    harness.report("similarity-gpu", payload, [
+        ("impl", "impl", ""), ("N", "N", "d"), ("M", "M", "d"), ("median s", "median_s", ".4f"),
+        ("TFLOP/s", "tflops", ".0f"), ("extra MB", "extra_peak_mb", ".0f"), ("error", "error", ""),
+    ], args.out)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N ∈ {8192, 65536}, D = 512, 3 repeats")
+    parser.add_argument("--topk", action="store_true", help="benchmark topk_similarity (bf16, 10^5 × 10^6)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.topk:
+        return topk_main(args)
     sizes = [(8192, 512), (65536, 512)] if args.quick else [
         (n, d) for d in (512, 1024) for n in (8192, 32768, 65536, 131072)]
     repeats = 3 if args.quick else 5

@@ -23,11 +23,15 @@ fi
 python3 -m mmfast info
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 
-timeout 240 python3 -m pytest -q -ra -m gpu tests/test_gpu.py
+timeout 180 python3 -m pytest -q -ra -m gpu tests/test_gpu.py
 tests_rc=$?
-timeout 300 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
+timeout 200 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
 bench_rc=$?
-timeout 150 python3 benchmarks/bench_gpu_cross_entropy.py "${quick[@]}" ${OUT:+--out "$OUT"}
+timeout 120 python3 benchmarks/bench_gpu_cross_entropy.py "${quick[@]}" ${OUT:+--out "$OUT"}
 mlm_rc=$?
-echo "gpu tests exit $tests_rc, contrastive benchmark exit $bench_rc, masked-LM benchmark exit $mlm_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 || mlm_rc != 0 ))
+# topk_similarity, bf16, 10^5 queries × 10^6 keys (--quick: 2·10^4 × 2·10^5)
+timeout 150 python3 benchmarks/bench_gpu.py --topk "${quick[@]}" ${OUT:+--out "$OUT"}
+topk_rc=$?
+echo "gpu tests exit $tests_rc, contrastive benchmark exit $bench_rc, masked-LM benchmark exit $mlm_rc," \
+     "top-k benchmark exit $topk_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || mlm_rc != 0 || topk_rc != 0 ))

@@ -25,6 +25,9 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("cpu_linear_cross_entropy_fused(Tensor h, Tensor w, Tensor? bias, Tensor target, Tensor row_weight,"
         " int ignore_index, float eps, float z)"
         " -> (Tensor loss, Tensor lse, Tensor grad_h, Tensor grad_w, Tensor grad_bias)");
+  // Similarity family (csrc/similarity_cpu.h).
+  m.def("cpu_topk_similarity(Tensor a, Tensor b, int k, float scale, bool normalize) -> (Tensor values, Tensor indices)");
+  m.def("cpu_similarity(Tensor a, Tensor b, float scale, bool normalize, ScalarType out_dtype) -> Tensor");
   m.def("cpu_capability() -> str", [] { return std::string(mmfast::capability_name(mmfast::cpu_capability())); });
 }
 

@@ -1,4 +1,5 @@
-"""Command line: `python -m mmfast info` prints versions and which backends run here (and why not)."""
+"""Command line: `python -m mmfast info` prints versions and which backends run here (and why not);
+`python -m mmfast eval-retrieval ...` computes retrieval metrics from .npy embeddings (mmfast/eval/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
+    from mmfast.eval import cli as eval_cli
+
+    eval_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "eval-retrieval":
+        return eval_cli.run(args)
     return 2
 
 
