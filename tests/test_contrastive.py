@@ -1,7 +1,6 @@
 """clip_loss, infonce_loss, siglip_loss on every backend against float64 references (tests/oracle.py)."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess

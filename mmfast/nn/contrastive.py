@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from mmfast.contrastive import clip_loss, siglip_loss

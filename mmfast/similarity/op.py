@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmfast.contrastive.op import _no_autocast
+from mmfast._backends import no_autocast
 from mmfast.similarity import chunked, reference
 
 
@@ -49,7 +49,7 @@ IMPLS = {
 
 @torch.library.custom_op("mmfast::similarity", mutates_args=())
 def similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_dtype: torch.dtype, backend: str) -> Tensor:
-    with _no_autocast(a):
+    with no_autocast(a):
         return IMPLS[backend][0](a, b, scale, normalize, out_dtype)
 
 
@@ -62,7 +62,7 @@ def _(a, b, scale, normalize, out_dtype, backend):
 def similarity_backward(grad: Tensor, a: Tensor, b: Tensor, scale: Tensor, normalize: bool, need_a: bool,
                         need_b: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """→ (da (N, D) or (0,), db (M, D) or (0,), dscale [] fp32); da/db in the input dtypes."""
-    with _no_autocast(a):
+    with no_autocast(a):
         return chunked.similarity_backward(grad, a, b, scale, normalize, need_a, need_b, need_scale)
 
 
@@ -97,7 +97,7 @@ similarity.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("mmfast::topk_similarity", mutates_args=())
 def topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, normalize: bool,
                     backend: str) -> tuple[Tensor, Tensor]:
-    with _no_autocast(q):
+    with no_autocast(q):
         return IMPLS[backend][1](q, keys, k, scale, normalize)
 
 

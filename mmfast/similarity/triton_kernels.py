@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from mmfast.contrastive.triton_kernels import INTERPRET, _on_device, _precision, _unscaled_logits, _wide
+from mmfast._triton import INTERPRET, on_device, precision, wide
+from mmfast.contrastive.triton_kernels import _unscaled_logits
 from mmfast.similarity import chunked, order
 
 K_MAX = 64
@@ -66,7 +67,7 @@ def _similarity_kernel(a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr, N, M
     rs = tl.load(row_scale_ptr + row0 + r, mask=row_ok, other=0.0)
     cs = tl.load(col_scale_ptr + col0 + c, mask=col_ok, other=0.0)
     s = acc * rs[:, None] * cs[None, :]
-    out = out_ptr + _wide(row0) * M + col0
+    out = out_ptr + wide(row0) * M + col0
     tl.store(out + r[:, None] * M + c[None, :], s.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -125,7 +126,7 @@ def _topk_kernel(q_ptr, k_ptr, row_scale_ptr, col_scale_ptr, key_out_ptr, col_ou
             w_key, w_slot = _worst(run_key, run_col, slot, K)
             tile_max = tl.max(key, axis=1)
             pending = tile_max > w_key
-    out = (_wide(seg) * N + row0) * KP
+    out = (wide(seg) * N + row0) * KP
     tl.store(key_out_ptr + out + r[:, None] * KP + slot[None, :], run_key, mask=row_ok[:, None])
     tl.store(col_out_ptr + out + r[:, None] * KP + slot[None, :], run_col, mask=row_ok[:, None])
 
@@ -154,8 +155,8 @@ def triton_similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)
 
-    with _on_device(a):
-        wrap_triton(_similarity_kernel)[grid](a, b, row_scale, col_scale, out, n, m, d, PRECISION=_precision(a.dtype))
+    with on_device(a):
+        wrap_triton(_similarity_kernel)[grid](a, b, row_scale, col_scale, out, n, m, d, PRECISION=precision(a.dtype))
     return out
 
 
@@ -174,10 +175,10 @@ def triton_topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, norma
     segments = triton.cdiv(m, seg_cols)
     key_out = q.new_empty((segments, n, kp), dtype=torch.int32)
     col_out = q.new_empty((segments, n, kp), dtype=torch.int32)
-    with _on_device(q):
+    with on_device(q):
         wrap_triton(_topk_kernel)[(row_blocks, segments)](
             q, keys, row_scale, col_scale, key_out, col_out, n, m, d, seg_cols, K=k, KP=kp,
-            PRECISION=_precision(q.dtype), BLOCK_M=_TOPK_BLOCK_M, BLOCK_N=_TOPK_BLOCK_N,
+            PRECISION=precision(q.dtype), BLOCK_M=_TOPK_BLOCK_M, BLOCK_N=_TOPK_BLOCK_N,
         )
     # Merge the segments' lists (empty slots: the lowest key, never among the k best as m >= k).
     rank = (key_out.to(torch.int64) << 32) + ((1 << 32) - 1 - col_out.to(torch.int64))
