@@ -125,59 +125,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_grad(
           db.defined() ? db.to(bias->scalar_type()) : at::empty({0}, h.options())};
 }
 
-// Rows per block of the fused path: the block's logits (rows × V fp32) are held whole, at most
-// 32 MB (256 rows at V = 30522). Each block's three GEMMs repack all of W and its dW update reads
-// and writes all of dW, so fewer rows cost time: measured on one core of a 2-core Xeon at BERT's
-// shape, 128-row blocks took 1.86 s for what 256-row blocks did in 1.58 s (the three GEMMs over
-// all kept rows at once: 1.23 s). Below 64 rows (V > 131072) the tile walk is used instead.
+// The fused path holds a block of kept rows × the whole vocabulary in fp32: up to 32 MB (V ≤ 32768,
+// BERT's 30522 included). Beyond, the forward and backward walks run one after the other (8·T_kept·V·Dh
+// FLOPs instead of 6).
 constexpr int64_t kFusedBlockBytes = int64_t(32) << 20;
-constexpr int64_t kFusedMinRows = 64, kFusedMaxRows = 256;
 
 // Loss and the gradients of Σ_t row_weight_t·loss_t at once → (loss (T,), lse (T,), dh, dw, dbias).
-// Where a block of kept rows × the whole vocabulary fits kFusedBlockBytes, the gradients come from
-// the forward's own logits (6·T_kept·V·Dh FLOPs); otherwise the tile walk's forward then backward
-// (8·T_kept·V·Dh).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fused(
     const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& target,
     const at::Tensor& row_weight, int64_t ignore_index, double eps, double z) {
-  const int64_t vocab = w.size(0);
-  const int64_t block = std::min(kFusedMaxRows, kFusedBlockBytes / (4 * std::max<int64_t>(vocab, 1)));
-  if (block < kFusedMinRows) {
+  if (kLinearBlockRows * w.size(0) * 4 > kFusedBlockBytes) {
     auto [loss, lse] = linear_cross_entropy(h, w, bias, target, ignore_index, eps, z);
     auto [dh, dw, db] = linear_cross_entropy_grad(h, w, bias, target, lse, row_weight, ignore_index, eps, z);
     return {loss, lse, dh, dw, db};
   }
-  const at::Tensor y = kernel_targets(target, ignore_index, vocab);
+  const at::Tensor y = kernel_targets(target, ignore_index, w.size(0));
   const LinearCrossEntropy args = linear_args(h, w, bias, y, eps, z);
   TORCH_CHECK(row_weight.numel() == h.size(0), "row_weight must have T entries");
   const auto f32 = h.options().dtype(at::kFloat);
   const at::Tensor weight = row_weight.to(at::kFloat).contiguous();
   at::Tensor loss = at::zeros({h.size(0)}, f32), lse = at::zeros({h.size(0)}, f32.dtype(at::kDouble));
   at::Tensor dh = at::zeros(h.sizes(), f32), dw = at::zeros(w.sizes(), f32);
-  at::Tensor db = bias.has_value() ? at::zeros({vocab}, f32) : at::Tensor();
-  const int64_t n = args.kept.size(0);
-  at::Tensor buffer = at::empty({std::min(block, n) * vocab}, f32);
-  for (int64_t r0 = 0; r0 < n; r0 += block) {
-    const int64_t rows = std::min(block, n - r0);
-    const at::Tensor idx = args.kept.slice(0, r0, r0 + rows);
-    const at::Tensor hb = args.h.index_select(0, idx);
-    const at::Tensor yb = y.index_select(0, idx), wb = weight.index_select(0, idx);
-    at::Tensor x = buffer.slice(0, 0, rows * vocab).view({rows, vocab});
-    if (args.bias.defined()) {
-      at::addmm_out(x, args.bias, hb, args.w.t());
-    } else {
-      at::mm_out(x, hb, args.w.t());
-    }
-    at::Tensor loss_b = at::empty({rows}, f32), lse_b = at::empty({rows}, lse.options());
-    MMFAST_CPU_DISPATCH(cross_entropy_rows, CrossEntropyRows{x.data_ptr<float>(), vocab, rows, vocab,
-                        yb.data_ptr<int64_t>(), float(eps), float(z), loss_b.data_ptr<float>(), lse_b.data_ptr<double>(),
-                        wb.data_ptr<float>(), x.data_ptr<float>(), vocab});  // x now holds G
-    loss.index_copy_(0, idx, loss_b);
-    lse.index_copy_(0, idx, lse_b);
-    dh.index_copy_(0, idx, at::mm(x, args.w));
-    dw.addmm_(x.t(), hb);
-    if (db.defined()) db.add_(x.sum(0));
-  }
+  at::Tensor db = bias.has_value() ? at::zeros({w.size(0)}, f32) : at::Tensor();
+  MMFAST_CPU_DISPATCH(linear_cross_entropy_fused, args, weight.data_ptr<float>(), loss.data_ptr<float>(),
+                      lse.data_ptr<double>(), dh, dw, db);
   return {loss, lse, dh.to(h.scalar_type()), dw.to(w.scalar_type()),
           db.defined() ? db.to(bias->scalar_type()) : at::empty({0}, h.options())};
 }

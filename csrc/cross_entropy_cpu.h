@@ -12,6 +12,8 @@
 //   forward:  loss (T,) fp32 and lse (T,) fp64 (both written for kept rows only)       2·T_kept·V·Dh FLOPs
 //   backward: with the forward's lse and weights w (T,), the gradients of Σ_t w_t·loss_t
 //             added into dh (T, Dh), dw (V, Dh), dbias (V,) (fp32, zero-filled)        6·T_kept·V·Dh FLOPs
+//   fused:    both, from the forward's own logits: each block of kept rows keeps its whole rows of
+//             x (kLinearBlockRows × V fp32) between its two walks over the chunks        6·T_kept·V·Dh FLOPs
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,6 +35,9 @@ struct CrossEntropyRows {
   int64_t ldg;
 };
 
+// Kept rows per block of the linear variant's tiles (the fused path holds a block's rows of x whole).
+constexpr int64_t kLinearBlockRows = 256;
+
 struct LinearCrossEntropy {
   at::Tensor h;       // (T, Dh) fp32 contiguous
   at::Tensor w;       // (V, Dh) fp32 contiguous
@@ -48,6 +53,8 @@ struct LinearCrossEntropy {
   void linear_cross_entropy_forward(const LinearCrossEntropy& args, float* loss, double* lse);         \
   void linear_cross_entropy_backward(const LinearCrossEntropy& args, const double* lse, const float* w, \
                                      at::Tensor& dh, at::Tensor& dw, at::Tensor& dbias);               \
+  void linear_cross_entropy_fused(const LinearCrossEntropy& args, const float* w, float* loss,         \
+                                  double* lse, at::Tensor& dh, at::Tensor& dw, at::Tensor& dbias);     \
   }
 
 #ifdef CPU_CAPABILITY

@@ -144,18 +144,20 @@ void cross_entropy_rows(const CrossEntropyRows& args) {
 
 // ---- linear + cross-entropy: tiles of kept rows × vocabulary chunks ----------------------------
 
+namespace {
+
 // A tile is kBlockRows kept rows × kChunk vocabulary entries (512 KB fp32). Its GEMM reads the
 // block's hidden rows (768 KB at Dh = 768) and the chunk's weight rows (1.5 MB): with the tile they
 // stay in a 2 MB L2. Measured on a 2-core AVX-512 Xeon at Dh = 768: chunks of 256 to 2048 columns
 // run the tile's three GEMMs at the same speed (~120 GFLOP/s per core, that of one large torch.mm).
-constexpr int64_t kBlockRows = 256;
+constexpr int64_t kBlockRows = kLinearBlockRows;
 constexpr int64_t kChunk = 512;
 
-// x[r, :] += v for each of the rows of x (rows × cols, contiguous).
-void add_to_rows(float* x, int64_t rows, int64_t cols, const float* v) {
+// x[r, :cols] += v for each of the rows of x (row stride ld).
+void add_to_rows(float* x, int64_t ld, int64_t rows, int64_t cols, const float* v) {
   const int64_t body = cols - cols % kW;
   for (int64_t r = 0; r < rows; ++r) {
-    float* xr = x + r * cols;
+    float* xr = x + r * ld;
     for (int64_t c = 0; c < body; c += kW) (Vec::loadu(xr + c) + Vec::loadu(v + c)).store(xr + c);
     for (int64_t c = body; c < cols; ++c) xr[c] += v[c];
   }
@@ -174,51 +176,51 @@ void for_each_chunk(int64_t chunks, F&& f) {
   });
 }
 
-// The walk shared by forward and backward: for each block of kept rows, hb = its hidden rows, and
-// each chunk's tile x = hb·w_chunkᵀ + bias_chunk in a per-thread buffer:
-//   tile(thread, block_start, rows, hb, chunk_start, cols, x)   for every tile;
-//   block_done(block_start, rows)                               after each block's tiles.
-template <class Tile, class BlockDone>
-void walk_tiles(const LinearCrossEntropy& p, Tile&& tile, BlockDone&& block_done) {
-  const int64_t n = p.kept.size(0), vocab = p.w.size(0);
-  const int64_t chunks = (vocab + kChunk - 1) / kChunk;
-  std::vector<at::Tensor> buffers(at::get_num_threads());
-  for (auto& b : buffers) b = at::empty({kBlockRows * kChunk}, p.h.options());
-  for (int64_t b0 = 0; b0 < n; b0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, n - b0);
-    const at::Tensor hb = p.h.index_select(0, p.kept.slice(0, b0, b0 + rows));
-    for_each_chunk(chunks, [&](int thread, int64_t c) {
-      const int64_t c0 = c * kChunk, cols = std::min(kChunk, vocab - c0);
-      at::Tensor x = buffers[thread].slice(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(x, hb, p.w.slice(0, c0, c0 + cols).t());
-      // The bias row by row (at::addmm_out would take another GEMM path, which starts threads of its own).
-      if (p.bias.defined()) add_to_rows(x.data_ptr<float>(), rows, cols, p.bias.data_ptr<float>() + c0);
-      tile(thread, b0, rows, hb, c0, cols, x);
-    });
-    block_done(b0, rows);
-  }
-}
+// One block of kept rows: its hidden rows hb (rows, Dh) and, chunk by chunk, its logits
+// x = hb·w_chunkᵀ + bias_chunk, written into `out` (row stride ld).
+struct Block {
+  const LinearCrossEntropy& p;
+  int64_t b0, rows;
+  at::Tensor hb;
 
-void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, double* lse) {
-  const int nthreads = at::get_num_threads();
-  const int64_t vocab = p.w.size(0);
-  const int64_t* kept = p.kept.data_ptr<int64_t>();
-  // Per thread and row of the block: (max, sum of exp against it), the target's logit, Σ_v x.
-  std::vector<std::vector<float>> mx(nthreads), x_y(nthreads);
-  std::vector<std::vector<double>> sum(nthreads), sum_x(nthreads);
-  auto reset = [&] {
+  Block(const LinearCrossEntropy& p, int64_t b0, int64_t rows)
+      : p(p), b0(b0), rows(rows), hb(p.h.index_select(0, p.kept.slice(0, b0, b0 + rows))) {}
+
+  int64_t row(int64_t r) const { return p.kept.data_ptr<int64_t>()[b0 + r]; }
+
+  at::Tensor logits(int64_t c0, int64_t cols, float* out, int64_t ld) const {
+    at::Tensor x = at::from_blob(out, {rows, cols}, {ld, 1}, p.h.options());
+    at::mm_out(x, hb, p.w.slice(0, c0, c0 + cols).t());
+    // The bias row by row (at::addmm_out would take another GEMM path, which starts threads of its own).
+    if (p.bias.defined()) add_to_rows(out, ld, rows, cols, p.bias.data_ptr<float>() + c0);
+    return x;
+  }
+};
+
+// Per thread and row of a block: (max, sum of exp against it) over the chunks the thread took,
+// the target's logit if it was in one of them, and Σ_v x (for label smoothing).
+struct RowStats {
+  int nthreads;
+  std::vector<std::vector<float>> mx, x_y;
+  std::vector<std::vector<double>> sum, sum_x;
+
+  explicit RowStats(int nthreads) : nthreads(nthreads), mx(nthreads), x_y(nthreads), sum(nthreads), sum_x(nthreads) {
+    reset();
+  }
+
+  void reset() {
     for (int t = 0; t < nthreads; ++t) {
       mx[t].assign(kBlockRows, -std::numeric_limits<float>::infinity());
       x_y[t].assign(kBlockRows, 0.f);
       sum[t].assign(kBlockRows, 0.0);
       sum_x[t].assign(kBlockRows, 0.0);
     }
-  };
-  reset();
-  walk_tiles(p, [&](int thread, int64_t b0, int64_t rows, const at::Tensor&, int64_t c0, int64_t cols, at::Tensor& x) {
-    const float* xp = x.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * cols;
+  }
+
+  // Adds a tile's rows: x (rows × cols, row stride ld) holds the logits of columns c0 ….
+  void add(int thread, const Block& blk, int64_t c0, int64_t cols, const float* x, int64_t ld) {
+    for (int64_t r = 0; r < blk.rows; ++r) {
+      const float* xr = x + r * ld;
       const float tile_max = row_max(xr, cols);
       const double tile_sum = sum_exp(xr, cols, tile_max);
       float& m = mx[thread][r];
@@ -226,12 +228,16 @@ void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, doub
       const float new_max = nan_max(m, tile_max);
       s = (s == 0.0 ? 0.0 : s * std::exp(double(m) - new_max)) + tile_sum * std::exp(double(tile_max) - new_max);
       m = new_max;
-      const int64_t y = p.target[kept[b0 + r]];
+      const int64_t y = blk.p.target[blk.row(r)];
       if (y >= c0 && y < c0 + cols) x_y[thread][r] = xr[y - c0];
-      if (p.eps != 0.f) sum_x[thread][r] += row_sum(xr, cols, [](const Vec& a) { return a; }, [](float a) { return double(a); });
+      if (blk.p.eps != 0.f) sum_x[thread][r] += row_sum(xr, cols, [](const Vec& a) { return a; }, [](float a) { return double(a); });
     }
-  }, [&](int64_t b0, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
+  }
+
+  // Merges the threads' partials: loss and lse of the block's rows, at their indices in [0, T).
+  void finish(const Block& blk, float* loss, double* lse) {
+    const int64_t vocab = blk.p.w.size(0);
+    for (int64_t r = 0; r < blk.rows; ++r) {
       float m = -std::numeric_limits<float>::infinity();
       for (int t = 0; t < nthreads; ++t) m = nan_max(m, mx[t][r]);
       double s = 0.0, xy = 0.0, sx = 0.0;
@@ -241,46 +247,124 @@ void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, doub
         sx += sum_x[t][r];
       }
       const double row_lse = double(m) + std::log(s);
-      const int64_t t_row = kept[b0 + r];
-      lse[t_row] = row_lse;
-      loss[t_row] = float(row_lse - (1.0 - p.eps) * xy - p.eps * sx / double(vocab) + p.z * row_lse * row_lse);
+      const float eps = blk.p.eps, z = blk.p.z;
+      lse[blk.row(r)] = row_lse;
+      loss[blk.row(r)] = float(row_lse - (1.0 - eps) * xy - eps * sx / double(vocab) + z * row_lse * row_lse);
     }
     reset();
+  }
+};
+
+// Per thread: its share of a block's dh from the chunks it took, summed when the block is done.
+struct BlockGrads {
+  std::vector<at::Tensor> dh_part;
+
+  BlockGrads(int nthreads, const at::Tensor& h) : dh_part(nthreads) {
+    for (auto& d : dh_part) d = at::zeros({kBlockRows, h.size(1)}, h.options());
+  }
+
+  // Turns a tile of logits x (rows × cols from column c0, row stride ld) into G in place and adds
+  // its terms: dw[c0 : c0 + cols] += Gᵀ·hb (the chunk is this thread's for the whole block),
+  // dh_part += G·w_chunk, dbias[c0 : c0 + cols] += Σ_rows G.
+  void add(int thread, const Block& blk, int64_t c0, int64_t cols, float* x, int64_t ld, const double* lse,
+           const float* weight, at::Tensor& dw, float* db) {
+    const LinearCrossEntropy& p = blk.p;
+    const int64_t vocab = p.w.size(0);
+    for (int64_t r = 0; r < blk.rows; ++r) {
+      float* xr = x + r * ld;
+      const int64_t t_row = blk.row(r), y = p.target[t_row];
+      const double row_lse = lse[t_row], wt = weight[t_row];
+      const bool has_y = y >= c0 && y < c0 + cols;
+      const float x_y = has_y ? xr[y - c0] : 0.f;
+      write_grad(xr, xr, cols, row_lse, float(wt * (1.0 + 2.0 * p.z * row_lse)), float(-wt * p.eps / double(vocab)));
+      if (has_y) xr[y - c0] = target_grad(x_y, row_lse, wt, p.eps, p.z, vocab);
+    }
+    if (db) add_column_sums(x, ld, blk.rows, cols, db + c0);
+    const at::Tensor g = at::from_blob(x, {blk.rows, cols}, {ld, 1}, p.h.options());
+    dw.slice(0, c0, c0 + cols).addmm_(g.t(), blk.hb);
+    dh_part[thread].slice(0, 0, blk.rows).addmm_(g, p.w.slice(0, c0, c0 + cols));
+  }
+
+  void finish(const Block& blk, at::Tensor& dh) {
+    at::Tensor total = dh_part[0].slice(0, 0, blk.rows);
+    for (size_t t = 1; t < dh_part.size(); ++t) total.add_(dh_part[t].slice(0, 0, blk.rows));
+    dh.index_copy_(0, blk.p.kept.slice(0, blk.b0, blk.b0 + blk.rows), total);
+    for (auto& d : dh_part) d.zero_();
+  }
+
+  // out[c] += Σ_r x[r, c].
+  static void add_column_sums(const float* x, int64_t ld, int64_t rows, int64_t cols, float* out) {
+    const int64_t body = cols - cols % kW;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * ld;
+      for (int64_t c = 0; c < body; c += kW) (Vec::loadu(out + c) + Vec::loadu(xr + c)).store(out + c);
+      for (int64_t c = body; c < cols; ++c) out[c] += xr[c];
+    }
+  }
+};
+
+// The blocks of kept rows, each walked chunk by chunk in parallel: f(block) for each.
+template <class F>
+void for_each_block(const LinearCrossEntropy& p, F&& f) {
+  const int64_t n = p.kept.size(0);
+  for (int64_t b0 = 0; b0 < n; b0 += kBlockRows) f(Block(p, b0, std::min(kBlockRows, n - b0)));
+}
+
+int64_t chunks_of(const LinearCrossEntropy& p) { return (p.w.size(0) + kChunk - 1) / kChunk; }
+
+}  // namespace
+
+void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, double* lse) {
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<float>> tiles(nthreads, std::vector<float>(kBlockRows * kChunk));
+  RowStats stats(nthreads);
+  for_each_block(p, [&](const Block& blk) {
+    for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
+      const int64_t c0 = c * kChunk, cols = std::min(kChunk, p.w.size(0) - c0);
+      blk.logits(c0, cols, tiles[thread].data(), cols);
+      stats.add(thread, blk, c0, cols, tiles[thread].data(), cols);
+    });
+    stats.finish(blk, loss, lse);
   });
 }
 
 void linear_cross_entropy_backward(const LinearCrossEntropy& p, const double* lse, const float* w, at::Tensor& dh,
                                    at::Tensor& dw, at::Tensor& dbias) {
   const int nthreads = at::get_num_threads();
-  const int64_t vocab = p.w.size(0), dim = p.h.size(1);
-  const int64_t* kept = p.kept.data_ptr<int64_t>();
-  // Per thread: the block's share of dh from the chunks it took, summed when the block is done.
-  std::vector<at::Tensor> dh_part(nthreads);
-  for (auto& d : dh_part) d = at::zeros({kBlockRows, dim}, p.h.options());
+  std::vector<std::vector<float>> tiles(nthreads, std::vector<float>(kBlockRows * kChunk));
+  BlockGrads grads(nthreads, p.h);
   float* db = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
-  walk_tiles(p, [&](int thread, int64_t b0, int64_t rows, const at::Tensor& hb, int64_t c0, int64_t cols, at::Tensor& x) {
-    float* xp = x.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      float* xr = xp + r * cols;
-      const int64_t t_row = kept[b0 + r], y = p.target[t_row];
-      const double row_lse = lse[t_row], wt = w[t_row];
-      const bool has_y = y >= c0 && y < c0 + cols;
-      const float x_y = has_y ? xr[y - c0] : 0.f;
-      write_grad(xr, xr, cols, row_lse, float(wt * (1.0 + 2.0 * p.z * row_lse)), float(-wt * p.eps / double(vocab)));
-      if (has_y) xr[y - c0] = target_grad(x_y, row_lse, wt, p.eps, p.z, vocab);
-      if (db) {  // the chunk's columns of dbias belong to this thread for the whole block
-        const int64_t body = cols - cols % kW;
-        for (int64_t c = 0; c < body; c += kW) (Vec::loadu(db + c0 + c) + Vec::loadu(xr + c)).store(db + c0 + c);
-        for (int64_t c = body; c < cols; ++c) db[c0 + c] += xr[c];
-      }
-    }
-    dw.slice(0, c0, c0 + cols).addmm_(x.t(), hb);
-    dh_part[thread].slice(0, 0, rows).addmm_(x, p.w.slice(0, c0, c0 + cols));
-  }, [&](int64_t b0, int64_t rows) {
-    at::Tensor total = dh_part[0].slice(0, 0, rows);
-    for (int t = 1; t < nthreads; ++t) total.add_(dh_part[t].slice(0, 0, rows));
-    dh.index_copy_(0, p.kept.slice(0, b0, b0 + rows), total);
-    for (auto& d : dh_part) d.zero_();
+  for_each_block(p, [&](const Block& blk) {
+    for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
+      const int64_t c0 = c * kChunk, cols = std::min(kChunk, p.w.size(0) - c0);
+      blk.logits(c0, cols, tiles[thread].data(), cols);
+      grads.add(thread, blk, c0, cols, tiles[thread].data(), cols, lse, w, dw, db);
+    });
+    grads.finish(blk, dh);
+  });
+}
+
+void linear_cross_entropy_fused(const LinearCrossEntropy& p, const float* w, float* loss, double* lse, at::Tensor& dh,
+                                at::Tensor& dw, at::Tensor& dbias) {
+  const int nthreads = at::get_num_threads();
+  const int64_t vocab = p.w.size(0);
+  std::vector<float> block_logits(std::min(kBlockRows, p.kept.size(0)) * vocab);
+  RowStats stats(nthreads);
+  BlockGrads grads(nthreads, p.h);
+  float* db = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
+  for_each_block(p, [&](const Block& blk) {
+    float* x = block_logits.data();
+    for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
+      const int64_t c0 = c * kChunk, cols = std::min(kChunk, vocab - c0);
+      blk.logits(c0, cols, x + c0, vocab);
+      stats.add(thread, blk, c0, cols, x + c0, vocab);
+    });
+    stats.finish(blk, loss, lse);
+    for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
+      const int64_t c0 = c * kChunk, cols = std::min(kChunk, vocab - c0);
+      grads.add(thread, blk, c0, cols, x + c0, vocab, lse, w, dw, db);
+    });
+    grads.finish(blk, dh);
   });
 }
 
