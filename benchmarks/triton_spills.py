@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 from mmfast.contrastive import triton_kernels as tk
 from mmfast.cross_entropy import triton_kernels as ce
+from mmfast.similarity import triton_kernels as sim
 
 COMMON = {"a_ptr": "*{dt}", "b_ptr": "*{dt}", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "pos_ptr": "*i64"}
 STATS = {**COMMON, "row_max_ptr": "*fp32", "row_sum_ptr": "*fp64", "col_max_ptr": "*fp32", "col_sum_ptr": "*fp64",
@@ -35,6 +36,10 @@ LCE_COMMON = {"h_ptr": "*{dt}", "w_ptr": "*{dt}", "b_ptr": "*{dt}", "y_ptr": "*i
               "kept_ptr": "*i64"}
 LCE_FWD = {**LCE_COMMON, "mx_ptr": "*fp32", "sum_ptr": "*fp64", "xy_ptr": "*fp32", "xsum_ptr": "*fp64", "T": "i32",
            "V": "i32", "D": "i32", "SPLIT_V": "i32"}
+SIM = {"a_ptr": "*{dt}", "b_ptr": "*{dt}", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "out_ptr": "*{dt}",
+       "N": "i32", "M": "i32", "D": "i32"}
+TOPK = {"q_ptr": "*{dt}", "k_ptr": "*{dt}", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "key_out_ptr": "*i32",
+        "col_out_ptr": "*i32", "N": "i32", "M": "i32", "D": "i32", "seg_cols": "i32"}
 LCE_BWD = {**LCE_COMMON, "lse_ptr": "*fp64", "rw_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
            "V": "i32", "D": "i32", "eps": "fp32", "z": "fp32"}
 
@@ -95,6 +100,14 @@ def main(argv=None) -> int:
     print(f"linear_cross_entropy fwd {fwd_config}: {ptxas_report(ce._lce_fwd_kernel, sig(LCE_FWD), flags, fwd_config, args.arch)}")
     for config in ce._LCE_BWD_CONFIGS:
         print(f"linear_cross_entropy bwd {config}: {ptxas_report(ce._lce_bwd_kernel, sig(LCE_BWD), flags, config, args.arch)}")
+    precision = {"PRECISION": "tf32"}
+    for config in sim._SIM_CONFIGS:
+        print(f"similarity {config}: {ptxas_report(sim._similarity_kernel, sig(SIM), precision, config, args.arch)}")
+    for k in (10, 64):  # k = 10 (KP 16) and the largest k the kernel takes (KP 64)
+        topk = {**precision, "K": k, "KP": max(16, triton.next_power_of_2(k)), "BLOCK_M": sim._TOPK_BLOCK_M,
+                "BLOCK_N": sim._TOPK_BLOCK_N}
+        for config in sim._TOPK_CONFIGS:
+            print(f"topk k={k} {config}: {ptxas_report(sim._topk_kernel, sig(TOPK), topk, config, args.arch)}")
     return 0
 
 

@@ -29,7 +29,7 @@ from mmfast.contrastive.triton_kernels import _unscaled_logits
 from mmfast.similarity import chunked, order
 
 K_MAX = 64
-INT32_MIN = -(1 << 31)
+INT32_MIN = tl.constexpr(-(1 << 31))  # a global read inside kernels must be a constexpr (the GPU compiler checks; the interpreter does not)
 
 if INTERPRET:
     # The CPU interpreter: 32-wide tiles so tests at small sizes cross tile and segment edges.
