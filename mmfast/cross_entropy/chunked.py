@@ -73,28 +73,23 @@ def cross_entropy_grad(x: Tensor, y: Tensor, row_weight: Tensor, eps: float, z: 
         out[r0:r1] = g
 
 
-def _kept_blocks(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor):
-    """The kept rows' indices, then (rows, their logits x = h_rows·wᵀ + bias in fp32, their hidden
-    rows) block by block."""
+def _kept_blocks(h: Tensor, w32: Tensor, b32: Optional[Tensor], y: Tensor):
+    """(rows, their logits x = h_rows·w32ᵀ + b32 in fp32, their hidden rows) for the kept rows,
+    block by block (w32, b32: the weight and bias already in fp32)."""
     kept = torch.nonzero(y >= 0).squeeze(1)
-    w32 = w.float()
-    b32 = bias.float() if bias is not None else None
-
-    def blocks():
-        for r0, r1 in _blocks(kept.shape[0], w.shape[0], LINEAR_BLOCK_ELEMS, 16, 256):
-            rows = kept[r0:r1]
-            hb = h.index_select(0, rows).float()
-            x = hb @ w32.T
-            yield rows, (x + b32 if b32 is not None else x), hb
-    return kept, blocks()
+    for r0, r1 in _blocks(kept.shape[0], w32.shape[0], LINEAR_BLOCK_ELEMS, 16, 256):
+        rows = kept[r0:r1]
+        hb = h.index_select(0, rows).float()
+        x = hb @ w32.T
+        yield rows, (x + b32 if b32 is not None else x), hb
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float):
     """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss (T,) fp32, lse (T,) fp64."""
     loss = h.new_zeros(h.shape[0], dtype=torch.float32)
     lse = h.new_zeros(h.shape[0], dtype=torch.float64)
-    _, blocks = _kept_blocks(h, w, bias, y)
-    for rows, x, _ in blocks:
+    b32 = bias.float() if bias is not None else None
+    for rows, x, _ in _kept_blocks(h, w.float(), b32, y):
         loss[rows], lse[rows], _ = _rows(x, y[rows], eps, z, None)
     return loss, lse
 
@@ -116,8 +111,7 @@ def linear_cross_entropy_fused(h: Tensor, w: Tensor, bias: Optional[Tensor], y: 
     dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     dw = torch.zeros_like(w32, memory_format=torch.contiguous_format)
     db = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
-    _, blocks = _kept_blocks(h, w, bias, y)
-    for rows, x, hb in blocks:
+    for rows, x, hb in _kept_blocks(h, w32, bias.float() if bias is not None else None, y):
         loss[rows], lse[rows], g = _rows(x, y[rows], eps, z, row_weight[rows])
         dh[rows] = g @ w32
         dw.addmm_(g.T, hb)

@@ -76,17 +76,20 @@ def _sum_exp(x, ref, axis: tl.constexpr):
 
 @triton.jit
 def _row_stats(x_row, V, BLOCK_V: tl.constexpr):
-    """(max, fp64 sum of exp against it) of one row, merged chunk by chunk."""
+    """(max, fp64 sum of exp against it, fp64 Σ x) of one row, in one pass over its chunks."""
     cols = tl.arange(0, BLOCK_V)
     mx = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float64)
+    sum_x = tl.zeros([], tl.float64)
     for v0 in range(0, V, BLOCK_V):
-        x = tl.load(x_row + v0 + cols, mask=cols < V - v0, other=float("-inf")).to(tl.float32)
+        in_row = cols < V - v0
+        x = tl.load(x_row + v0 + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         new_mx = tl.maximum(mx, tl.max(x, axis=0))
         ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)
         total = total * tl.exp(mx - ref).to(tl.float64) + _sum_exp(x, ref, 0)
+        sum_x += tl.sum(tl.where(in_row, x, 0.0), axis=0).to(tl.float64)
         mx = new_mx
-    return mx, total
+    return mx, total, sum_x
 
 
 @triton.jit
@@ -98,16 +101,9 @@ def _ce_fwd_kernel(x_ptr, y_ptr, loss_ptr, lse_ptr, V, eps, z, BLOCK_V: tl.const
         tl.store(loss_ptr + t, 0.0)
         tl.store(lse_ptr + t, 0.0)
         return
-    mx, total = _row_stats(x_row, V, BLOCK_V)
+    mx, total, sum_x = _row_stats(x_row, V, BLOCK_V)
     lse = mx.to(tl.float64) + tl.log(total)
-    loss = lse - (1.0 - eps) * tl.load(x_row + y).to(tl.float64) + z * lse * lse
-    if eps != 0.0:
-        cols = tl.arange(0, BLOCK_V)
-        sum_x = tl.zeros([], tl.float64)
-        for v0 in range(0, V, BLOCK_V):
-            x = tl.load(x_row + v0 + cols, mask=cols < V - v0, other=0.0).to(tl.float32)
-            sum_x += tl.sum(x, axis=0).to(tl.float64)
-        loss -= eps * sum_x / V
+    loss = lse - (1.0 - eps) * tl.load(x_row + y).to(tl.float64) - eps * sum_x / V + z * lse * lse
     tl.store(loss_ptr + t, loss.to(tl.float32))
     tl.store(lse_ptr + t, lse)
 
@@ -125,7 +121,7 @@ def _ce_grad_kernel(x_ptr, y_ptr, w_ptr, out_ptr, V, eps, z, BLOCK_V: tl.constex
         return
     x_y = tl.load(x_row + y).to(tl.float32)  # read before out (maybe x itself) is written
     w = tl.load(w_ptr + t).to(tl.float32)
-    mx, total = _row_stats(x_row, V, BLOCK_V)
+    mx, total, _ = _row_stats(x_row, V, BLOCK_V)
     lse = mx.to(tl.float64) + tl.log(total)
     hi = lse.to(tl.float32)
     lo = (lse - hi.to(tl.float64)).to(tl.float32)
