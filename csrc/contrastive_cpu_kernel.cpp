@@ -58,46 +58,60 @@ inline Vec z_at(const float* p, const float* mask, int64_t c, const Vec& s, cons
   return at::vec::fmadd(Vec::loadu(p + c), s, b) + Vec::loadu(mask + c);
 }
 
-// Walks every tile of Z with no barrier between tiles. Tiles are handed out one at a time, column
-// stripe by column stripe, to whichever thread is free (the machine may be shared: static chunks
-// leave threads waiting). A thread's tiles therefore go through the stripes in order, and
-// per-thread state for column-owned outputs is flushed when its stripe changes:
+// How sweep hands out the tiles of Z, stripe by stripe (t = stripe · row_blocks + row block):
+//   kAny:    one tile at a time to whichever thread is free, with no barrier between tiles (the
+//            default: the machine may be shared, and static chunks leave threads waiting);
+//   kByRows: a whole row block to one thread, which walks its stripes in order;
+//   kByCols: a whole stripe to one thread, which walks its row blocks in order.
+// Under kByRows every row-owned output is formed by one thread in one fixed order, under kByCols
+// every column-owned one: torch.use_deterministic_algorithms runs a pass once in each (its row
+// outputs in the first, its column outputs in the second) instead of once in kAny.
+enum class Order { kAny, kByRows, kByCols };
+
+// Walks every tile of Z in the given order:
 //   pass.tile(thread, tile)           for each tile (row-owned outputs under row_lock(i0));
 //   pass.flush(thread, j0, cols)      when the thread leaves a stripe (under a global lock);
-// a thread starts a stripe with pass.start(thread, ld).
+// a thread starts a stripe with pass.start(thread, ld). Under kAny a thread's tiles go through the
+// stripes in order, so per-thread state for column-owned outputs is flushed when its stripe changes.
 template <class Pass>
-void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass) {
+void sweep(const at::Tensor& a, const at::Tensor& b, Pass& pass, Order order = Order::kAny) {
   const int64_t n = a.size(0), m = b.size(0);
   const int64_t row_blocks = (n + kRows - 1) / kRows, stripes = (m + kCols - 1) / kCols;
+  const int64_t units = order == Order::kAny ? row_blocks * stripes : order == Order::kByRows ? row_blocks : stripes;
+  const int64_t tiles_per_unit = order == Order::kAny ? 1 : order == Order::kByRows ? stripes : row_blocks;
   const int64_t ld_max = round_up(std::min(m, kCols), kW);
-  const int nthreads = at::get_num_threads();
   std::atomic<int64_t> next{0};
   std::mutex flush_lock;
   const at::ThreadLocalState caller;
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     const WorkerGuard worker(caller);
     const int thread = at::get_thread_num();
-    std::vector<float> buffer(kRows * ld_max), mask(ld_max);
-    float* p = buffer.data();
+    // From torch's allocator (64-byte aligned): MKL's results depend on its operands' alignment.
+    at::Tensor buffer = at::empty({kRows * ld_max}, a.options());
+    std::vector<float> mask(ld_max);
+    float* p = buffer.data_ptr<float>();
     int64_t stripe = -1;
     auto leave_stripe = [&] {
       if (stripe < 0) return;
       std::lock_guard<std::mutex> guard(flush_lock);
       pass.flush(thread, stripe * kCols, std::min(kCols, m - stripe * kCols));
     };
-    for (int64_t t = next++; t < row_blocks * stripes; t = next++) {
-      const int64_t j0 = t / row_blocks * kCols, i0 = t % row_blocks * kRows;
-      const int64_t cols = std::min(kCols, m - j0), rows = std::min(kRows, n - i0), ld = round_up(cols, kW);
-      if (t / row_blocks != stripe) {
-        leave_stripe();
-        stripe = t / row_blocks;
-        std::fill(std::fill_n(mask.begin(), cols, 0.f), mask.begin() + ld, -kInf);
-        pass.start(thread, ld);
+    for (int64_t u = next++; u < units; u = next++) {
+      for (int64_t q = 0; q < tiles_per_unit; ++q) {
+        const int64_t t = order == Order::kByRows ? q * row_blocks + u : u * tiles_per_unit + q;
+        const int64_t j0 = t / row_blocks * kCols, i0 = t % row_blocks * kRows;
+        const int64_t cols = std::min(kCols, m - j0), rows = std::min(kRows, n - i0), ld = round_up(cols, kW);
+        if (t / row_blocks != stripe) {
+          leave_stripe();
+          stripe = t / row_blocks;
+          std::fill(std::fill_n(mask.begin(), cols, 0.f), mask.begin() + ld, -kInf);
+          pass.start(thread, ld);
+        }
+        at::Tensor p_view = at::from_blob(p, {rows, cols}, {ld, 1}, a.options());
+        at::mm_out(p_view, a.narrow(0, i0, rows), b.narrow(0, j0, cols).t());
+        for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld + cols, p + (r + 1) * ld, 0.f);
+        pass.tile(thread, Tile{i0, rows, j0, cols, ld, p, mask.data()});
       }
-      at::Tensor p_view = at::from_blob(p, {rows, cols}, {ld, 1}, a.options());
-      at::mm_out(p_view, a.narrow(0, i0, rows), b.narrow(0, j0, cols).t());
-      for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld + cols, p + (r + 1) * ld, 0.f);
-      pass.tile(thread, Tile{i0, rows, j0, cols, ld, p, mask.data()});
     }
     leave_stripe();
   });
@@ -123,20 +137,21 @@ void merge(float& mx, double& sum, float other_mx, double other_sum) {
 // a statistic over N or M terms carries fp32 rounding of ~kFlush terms, not of N or M.
 constexpr int64_t kFlush = 16;
 
-// Softmax statistics. Rows: (max, sum of exp) per row, merged tile by tile under the row block's
-// lock. Columns: each tile's (max, sum) merged into the thread's running pair for its current
-// stripe, merged into the shared column state when the thread leaves the stripe.
+// Softmax statistics. Rows (when with_rows): (max, sum of exp) per row, merged tile by tile under
+// the row block's lock. Columns (when with_cols): each tile's (max, sum) merged into the thread's
+// running pair for its current stripe, merged into the shared column state when the thread leaves
+// the stripe.
 struct SoftmaxStats {
   float s, b;
-  bool with_cols;
+  bool with_rows, with_cols;
   std::vector<float> row_max, col_max;
   std::vector<double> row_sum, col_sum;
   RowLocks row_lock;
   std::vector<std::vector<float>> t_max;  // per thread, its current stripe
   std::vector<std::vector<double>> t_sum;
 
-  SoftmaxStats(float s, float b, int64_t n, int64_t m, bool with_cols, int nthreads)
-      : s(s), b(b), with_cols(with_cols), row_max(n, -kInf), col_max(with_cols ? m : 0, -kInf),
+  SoftmaxStats(float s, float b, int64_t n, int64_t m, bool with_rows, bool with_cols, int nthreads)
+      : s(s), b(b), with_rows(with_rows), with_cols(with_cols), row_max(n, -kInf), col_max(with_cols ? m : 0, -kInf),
         row_sum(n, 0.0), col_sum(with_cols ? m : 0, 0.0), row_lock(n), t_max(nthreads), t_sum(nthreads) {}
 
   void start(int thread, int64_t ld) {
@@ -172,7 +187,7 @@ struct SoftmaxStats {
       Vec vsum(0.f);
       for (int64_t c = 0; c < T.ld; c += kW) {
         const Vec zc = Vec::loadu(z + c);
-        vsum = vsum + (zc - vmax).exp();
+        if (with_rows) vsum = vsum + (zc - vmax).exp();
         if (with_cols) (Vec::loadu(col_part + c) + (zc - Vec::loadu(col_max_tile + c)).exp()).store(col_part + c);
       }
       tile_row_sum[r] = reduce_sum(vsum);
@@ -183,6 +198,7 @@ struct SoftmaxStats {
     }
     if (with_cols)
       for (int64_t c = 0; c < T.cols; ++c) merge(t_max[thread][c], t_sum[thread][c], col_max_tile[c], col_sum_tile[c]);
+    if (!with_rows) return;
     std::lock_guard<std::mutex> guard(row_lock(T.i0));
     for (int64_t r = 0; r < T.rows; ++r)
       merge(row_max[T.i0 + r], row_sum[T.i0 + r], tile_row_max[r], tile_row_sum[r]);
@@ -247,7 +263,8 @@ struct SigmoidStats {
 
 // Gradient pass: forms G tile by tile in place of P, then dA rows += s·G·B_cols (under the row
 // block's lock) and the thread's stripe partial of dB += Gᵀ·A_rows, added into dB's rows when the
-// thread leaves the stripe.
+// thread leaves the stripe (each only when defined). The scale and bias gradients (when with_sums)
+// are summed per row block (per stripe when by_stripe) and the partials added in order at the end.
 struct Grad {
   float s, b;
   bool sigmoid;
@@ -260,10 +277,11 @@ struct Grad {
   const at::Tensor& bmat;
   at::Tensor& da;
   at::Tensor& db;
+  bool with_sums, by_stripe;
   RowLocks row_lock;
   std::vector<at::Tensor> db_part;  // per thread: (kCols, D)
-  std::vector<double> scale_grad;   // per thread: Σ G∘P
-  std::vector<double> bias_grad;    // per thread: Σ G
+  std::vector<double> scale_grad;   // per row block (or stripe): Σ G∘P
+  std::vector<double> bias_grad;    // per row block (or stripe): Σ G
 
   void start(int thread, int64_t) {
     if (db.defined()) db_part[thread].zero_();
@@ -311,14 +329,15 @@ struct Grad {
       g_sum += reduce_sum(vg);
       gp_sum += reduce_sum(vgp);
     }
-    bias_grad[thread] += g_sum;
-    scale_grad[thread] += gp_sum;
     const at::Tensor g = at::from_blob(T.p, {T.rows, T.cols}, {T.ld, 1}, a.options());
     if (db.defined()) db_part[thread].narrow(0, 0, T.cols).addmm_(g.t(), a.narrow(0, T.i0, T.rows));
-    if (da.defined()) {
-      std::lock_guard<std::mutex> guard(row_lock(T.i0));
-      da.narrow(0, T.i0, T.rows).addmm_(g, bmat.narrow(0, T.j0, T.cols), 1.f, s);
+    std::lock_guard<std::mutex> guard(row_lock(T.i0));
+    if (with_sums) {
+      const int64_t slot = by_stripe ? T.j0 / kCols : T.i0 / kRows;
+      bias_grad[slot] += g_sum;
+      scale_grad[slot] += gp_sum;
     }
+    if (da.defined()) da.narrow(0, T.i0, T.rows).addmm_(g, bmat.narrow(0, T.j0, T.cols), 1.f, s);
   }
 
   void flush(int thread, int64_t j0, int64_t cols) {
@@ -331,20 +350,27 @@ struct Grad {
 void contrastive_stats(const at::Tensor& a, const at::Tensor& b, float scale, float bias, bool sigmoid,
                        const at::Tensor& pos, at::Tensor& row, at::Tensor& col) {
   const int64_t n = a.size(0), m = b.size(0);
+  const bool fixed = at::globalContext().deterministicAlgorithms();
   double* row_out = row.data_ptr<double>();
   if (sigmoid) {
     SigmoidStats pass(scale, bias, pos.defined() ? pos.data_ptr<int64_t>() : nullptr, n);
-    sweep(a, b, pass);
+    sweep(a, b, pass, fixed ? Order::kByRows : Order::kAny);
     std::copy(pass.row_acc.begin(), pass.row_acc.end(), row_out);
     return;
   }
-  SoftmaxStats pass(scale, bias, n, m, col.defined(), at::get_num_threads());
-  sweep(a, b, pass);
+  const int nthreads = at::get_num_threads();
+  SoftmaxStats pass(scale, bias, n, m, true, col.defined() && !fixed, nthreads);
+  sweep(a, b, pass, fixed ? Order::kByRows : Order::kAny);
   for (int64_t i = 0; i < n; ++i) row_out[i] = pass.row_max[i] + std::log(pass.row_sum[i]);
-  if (col.defined()) {
+  if (!col.defined()) return;
+  auto write_cols = [&](const SoftmaxStats& stats) {
     double* col_out = col.data_ptr<double>();
-    for (int64_t j = 0; j < m; ++j) col_out[j] = pass.col_max[j] + std::log(pass.col_sum[j]);
-  }
+    for (int64_t j = 0; j < m; ++j) col_out[j] = stats.col_max[j] + std::log(stats.col_sum[j]);
+  };
+  if (!fixed) return write_cols(pass);
+  SoftmaxStats col_pass(scale, bias, n, m, false, true, nthreads);
+  sweep(a, b, col_pass, Order::kByCols);
+  write_cols(col_pass);
 }
 
 std::pair<double, double> contrastive_grad(const at::Tensor& a, const at::Tensor& b, float scale, float bias,
@@ -352,20 +378,33 @@ std::pair<double, double> contrastive_grad(const at::Tensor& a, const at::Tensor
                                            const at::Tensor& col, const at::Tensor& wr, const at::Tensor& wc,
                                            at::Tensor& da, at::Tensor& db) {
   const int nthreads = at::get_num_threads();
-  std::vector<at::Tensor> db_part;
-  if (db.defined())
-    for (int t = 0; t < nthreads; ++t) db_part.push_back(at::empty({kCols, a.size(1)}, a.options()));
   const bool with_cols = !sigmoid && col.defined();
-  Grad pass{scale, bias, sigmoid,
-            sigmoid ? nullptr : row.data_ptr<double>(), wr.data_ptr<float>(),
-            with_cols ? col.data_ptr<double>() : nullptr, with_cols ? wc.data_ptr<float>() : nullptr,
-            pos.defined() ? pos.data_ptr<int64_t>() : nullptr,
-            a, b, da, db, RowLocks(a.size(0)), std::move(db_part), std::vector<double>(nthreads, 0.0),
-            std::vector<double>(nthreads, 0.0)};
-  sweep(a, b, pass);
-  double scale_grad = 0.0, bias_grad = 0.0;
-  for (int t = 0; t < nthreads; ++t) scale_grad += pass.scale_grad[t], bias_grad += pass.bias_grad[t];
-  return {scale_grad, bias_grad};
+  const int64_t row_blocks = (a.size(0) + kRows - 1) / kRows, stripes = (b.size(0) + kCols - 1) / kCols;
+  at::Tensor none;
+  auto run = [&](at::Tensor& da_out, at::Tensor& db_out, bool with_sums, Order order) {
+    std::vector<at::Tensor> db_part;
+    if (db_out.defined())
+      for (int t = 0; t < nthreads; ++t) db_part.push_back(at::empty({kCols, a.size(1)}, a.options()));
+    const bool by_stripe = order == Order::kByCols;
+    const int64_t slots = with_sums ? (by_stripe ? stripes : row_blocks) : 0;
+    Grad pass{scale, bias, sigmoid,
+              sigmoid ? nullptr : row.data_ptr<double>(), wr.data_ptr<float>(),
+              with_cols ? col.data_ptr<double>() : nullptr, with_cols ? wc.data_ptr<float>() : nullptr,
+              pos.defined() ? pos.data_ptr<int64_t>() : nullptr,
+              a, b, da_out, db_out, with_sums, by_stripe, RowLocks(a.size(0)), std::move(db_part),
+              std::vector<double>(slots, 0.0), std::vector<double>(slots, 0.0)};
+    sweep(a, b, pass, order);
+    double scale_grad = 0.0, bias_grad = 0.0;
+    for (int64_t i = 0; i < slots; ++i) scale_grad += pass.scale_grad[i], bias_grad += pass.bias_grad[i];
+    return std::make_pair(scale_grad, bias_grad);
+  };
+  if (!at::globalContext().deterministicAlgorithms()) return run(da, db, true, Order::kAny);
+  // A fixed order: dA and the sums with whole row blocks per thread, then dB with whole stripes.
+  if (!db.defined()) return run(da, none, true, Order::kByRows);
+  if (!da.defined()) return run(none, db, true, Order::kByCols);
+  const auto sums = run(da, none, true, Order::kByRows);
+  run(none, db, false, Order::kByCols);
+  return sums;
 }
 
 }  // namespace CPU_CAPABILITY

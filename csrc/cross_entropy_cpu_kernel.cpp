@@ -21,6 +21,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Sums of fp32 terms are kept short (kFlush vectors per lane) and then carried in fp64: a row of
 // V = 250k terms keeps the accuracy of a 16-term fp32 sum.
@@ -163,17 +164,39 @@ void add_to_rows(float* x, int64_t ld, int64_t rows, int64_t cols, const float* 
   }
 }
 
-// Calls f(thread, chunk) for chunk = 0 … chunks − 1, handing chunks to whichever thread is free
-// (the machines are shared: static splits leave a thread waiting on a slower one).
+// Calls f(slot, chunk) for chunk = 0 … chunks − 1, where slot < at::get_num_threads() names the
+// per-thread partials the call may add to (one thread at a time per slot). By default chunks go to
+// whichever thread is free (the machines are shared: static splits leave a thread waiting on a
+// slower one). Under torch.use_deterministic_algorithms slot s takes chunks s, s + slots, … in
+// order, so every partial sums the same terms in the same order in every run.
 template <class F>
 void for_each_chunk(int64_t chunks, F&& f) {
-  std::atomic<int64_t> next{0};
+  const int slots = at::get_num_threads();
   const at::ThreadLocalState caller;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+      const WorkerGuard worker(caller);
+      for (int64_t s = begin; s < end; ++s)
+        for (int64_t c = s; c < chunks; c += slots) f(int(s), c);
+    });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
     const WorkerGuard worker(caller);
     const int thread = at::get_thread_num();
     for (int64_t c = next++; c < chunks; c = next++) f(thread, c);
   });
+}
+
+// (mx, sum) ← the pair for the union of two sets of exp terms, each summed against its own max. A
+// set whose max is −inf (a tile of −inf logits: a masked vocabulary) holds no terms.
+void merge(float& mx, double& sum, float other_mx, double other_sum) {
+  const float new_mx = nan_max(mx, other_mx);
+  if (new_mx == -std::numeric_limits<float>::infinity()) return;  // both empty
+  sum = (mx == new_mx ? sum : sum * std::exp(double(mx) - new_mx)) +
+        (other_mx == new_mx ? other_sum : other_sum * std::exp(double(other_mx) - new_mx));
+  mx = new_mx;
 }
 
 // One block of kept rows: its hidden rows hb (rows, Dh) and, chunk by chunk, its logits
@@ -222,12 +245,7 @@ struct RowStats {
     for (int64_t r = 0; r < blk.rows; ++r) {
       const float* xr = x + r * ld;
       const float tile_max = row_max(xr, cols);
-      const double tile_sum = sum_exp(xr, cols, tile_max);
-      float& m = mx[thread][r];
-      double& s = sum[thread][r];
-      const float new_max = nan_max(m, tile_max);
-      s = (s == 0.0 ? 0.0 : s * std::exp(double(m) - new_max)) + tile_sum * std::exp(double(tile_max) - new_max);
-      m = new_max;
+      merge(mx[thread][r], sum[thread][r], tile_max, tile_max == -kInf ? 0.0 : sum_exp(xr, cols, tile_max));
       const int64_t y = blk.p.target[blk.row(r)];
       if (y >= c0 && y < c0 + cols) x_y[thread][r] = xr[y - c0];
       if (blk.p.eps != 0.f) sum_x[thread][r] += row_sum(xr, cols, [](const Vec& a) { return a; }, [](float a) { return double(a); });
@@ -238,11 +256,10 @@ struct RowStats {
   void finish(const Block& blk, float* loss, double* lse) {
     const int64_t vocab = blk.p.w.size(0);
     for (int64_t r = 0; r < blk.rows; ++r) {
-      float m = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < nthreads; ++t) m = nan_max(m, mx[t][r]);
+      float m = -kInf;
       double s = 0.0, xy = 0.0, sx = 0.0;
       for (int t = 0; t < nthreads; ++t) {
-        if (sum[t][r] != 0.0) s += sum[t][r] * std::exp(double(mx[t][r]) - m);
+        merge(m, s, mx[t][r], sum[t][r]);
         xy += x_y[t][r];
         sx += sum_x[t][r];
       }
@@ -310,19 +327,24 @@ void for_each_block(const LinearCrossEntropy& p, F&& f) {
   for (int64_t b0 = 0; b0 < n; b0 += kBlockRows) f(Block(p, b0, std::min(kBlockRows, n - b0)));
 }
 
+// count buffers of n floats each, from torch's allocator: 64-byte aligned, as MKL's results depend
+// on its operands' alignment (bit-for-bit repeatable runs need the same alignment each time).
+at::Tensor tile_buffers(int64_t count, int64_t n) { return at::empty({count, n}, at::TensorOptions(at::kFloat)); }
+
 int64_t chunks_of(const LinearCrossEntropy& p) { return (p.w.size(0) + kChunk - 1) / kChunk; }
 
 }  // namespace
 
 void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, double* lse) {
   const int nthreads = at::get_num_threads();
-  std::vector<std::vector<float>> tiles(nthreads, std::vector<float>(kBlockRows * kChunk));
+  const at::Tensor tiles = tile_buffers(nthreads, kBlockRows * kChunk);
   RowStats stats(nthreads);
   for_each_block(p, [&](const Block& blk) {
     for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
       const int64_t c0 = c * kChunk, cols = std::min(kChunk, p.w.size(0) - c0);
-      blk.logits(c0, cols, tiles[thread].data(), cols);
-      stats.add(thread, blk, c0, cols, tiles[thread].data(), cols);
+      float* tile = tiles.data_ptr<float>() + thread * tiles.size(1);
+      blk.logits(c0, cols, tile, cols);
+      stats.add(thread, blk, c0, cols, tile, cols);
     });
     stats.finish(blk, loss, lse);
   });
@@ -331,14 +353,15 @@ void linear_cross_entropy_forward(const LinearCrossEntropy& p, float* loss, doub
 void linear_cross_entropy_backward(const LinearCrossEntropy& p, const double* lse, const float* w, at::Tensor& dh,
                                    at::Tensor& dw, at::Tensor& dbias) {
   const int nthreads = at::get_num_threads();
-  std::vector<std::vector<float>> tiles(nthreads, std::vector<float>(kBlockRows * kChunk));
+  const at::Tensor tiles = tile_buffers(nthreads, kBlockRows * kChunk);
   BlockGrads grads(nthreads, p.h);
   float* db = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
   for_each_block(p, [&](const Block& blk) {
     for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
       const int64_t c0 = c * kChunk, cols = std::min(kChunk, p.w.size(0) - c0);
-      blk.logits(c0, cols, tiles[thread].data(), cols);
-      grads.add(thread, blk, c0, cols, tiles[thread].data(), cols, lse, w, dw, db);
+      float* tile = tiles.data_ptr<float>() + thread * tiles.size(1);
+      blk.logits(c0, cols, tile, cols);
+      grads.add(thread, blk, c0, cols, tile, cols, lse, w, dw, db);
     });
     grads.finish(blk, dh);
   });
@@ -348,12 +371,12 @@ void linear_cross_entropy_fused(const LinearCrossEntropy& p, const float* w, flo
                                 at::Tensor& dw, at::Tensor& dbias) {
   const int nthreads = at::get_num_threads();
   const int64_t vocab = p.w.size(0);
-  std::vector<float> block_logits(std::min(kBlockRows, p.kept.size(0)) * vocab);
+  const at::Tensor block_logits = tile_buffers(1, std::min(kBlockRows, p.kept.size(0)) * vocab);
   RowStats stats(nthreads);
   BlockGrads grads(nthreads, p.h);
   float* db = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
   for_each_block(p, [&](const Block& blk) {
-    float* x = block_logits.data();
+    float* x = block_logits.data_ptr<float>();
     for_each_chunk(chunks_of(p), [&](int thread, int64_t c) {
       const int64_t c0 = c * kChunk, cols = std::min(kChunk, vocab - c0);
       blk.logits(c0, cols, x + c0, vocab);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu_capability.h"
 #include "similarity_cpu.h"
 
@@ -12,11 +13,6 @@ namespace {
 
 // F.normalize's eps: a row of norm below it is divided by eps (a zero row stays zero).
 constexpr double kNormEps = 1e-12;
-
-void check_features(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "a and b must be 2-D, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), "a and b must share D, got ", a.size(1), " and ", b.size(1));
-}
 
 // 1 / max(‖x_i‖, eps) per row, fp32 (N,).
 at::Tensor inverse_norms(const at::Tensor& x32) {
@@ -33,8 +29,8 @@ at::Tensor scaled_rows(const at::Tensor& a_in, double scale, bool normalize) {
 
 std::tuple<at::Tensor, at::Tensor> topk_similarity(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k,
                                                    double scale, bool normalize) {
-  check_features(a_in, b_in);
-  TORCH_CHECK(k >= 1 && k <= b_in.size(0), "k must be in [1, M=", b_in.size(0), "], got ", k);
+  check_pair("a", a_in, "b", b_in);
+  TORCH_CHECK_VALUE(k >= 1 && k <= b_in.size(0), "k must be in [1, M=", b_in.size(0), "], got ", k);
   const at::Tensor a = scaled_rows(a_in, scale, normalize);
   const at::Tensor b = b_in.to(at::kFloat).contiguous();
   // The inverse norms of B scale S's columns in the scan (an M×D normalised copy of B would be
@@ -48,8 +44,8 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity(const at::Tensor& a_in, const
 
 at::Tensor similarity(const at::Tensor& a_in, const at::Tensor& b_in, double scale, bool normalize,
                       at::ScalarType out_dtype) {
-  check_features(a_in, b_in);
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+  check_pair("a", a_in, "b", b_in);
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
   const at::Tensor a = scaled_rows(a_in, scale, normalize);
   const at::Tensor b = scaled_rows(b_in, 1.0, normalize);

@@ -124,6 +124,7 @@ void scan_row(RowTopK& row, const float* z, const float* col_scale, int64_t j0, 
 void topk_similarity(const at::Tensor& a, const at::Tensor& b, const float* col_scale, int64_t k,
                      at::Tensor& values, at::Tensor& indices) {
   const int64_t n = a.size(0), m = b.size(0);
+  if (n == 0) return;
   const int64_t row_blocks = (n + kRows - 1) / kRows;
   const int nthreads = at::get_num_threads();
   // Rows are independent, so a thread that owns a row block walks all its columns alone. With
@@ -155,7 +156,8 @@ void topk_similarity(const at::Tensor& a, const at::Tensor& b, const float* col_
   const at::ThreadLocalState caller;
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     const WorkerGuard worker(caller);
-    std::vector<float> tile(kRows * std::min(kCols, seg_cols));
+    // From torch's allocator (64-byte aligned): MKL's results depend on its operands' alignment.
+    const at::Tensor tile = at::empty({kRows * std::min(kCols, seg_cols)}, a.options());
     std::vector<Entry> cand(kRows * cap), best(k);
     std::vector<RowTopK> rows(kRows);
     for (int64_t u = next++; u < units; u = next++) {
@@ -166,9 +168,9 @@ void topk_similarity(const at::Tensor& a, const at::Tensor& b, const float* col_
       const at::Tensor a_rows = a.narrow(0, i0, nr);
       for (int64_t j0 = c0; j0 < c1; j0 += kCols) {
         const int64_t cols = std::min(kCols, c1 - j0);
-        at::Tensor z = at::from_blob(tile.data(), {nr, cols}, a.options());
+        at::Tensor z = at::from_blob(tile.data_ptr<float>(), {nr, cols}, a.options());
         at::mm_out(z, a_rows, b.narrow(0, j0, cols).t());
-        for (int64_t r = 0; r < nr; ++r) scan_row(rows[r], tile.data() + r * cols, col_scale != nullptr ? col_scale + j0 : nullptr, j0, cols, k, cap);
+        for (int64_t r = 0; r < nr; ++r) scan_row(rows[r], tile.data_ptr<float>() + r * cols, col_scale != nullptr ? col_scale + j0 : nullptr, j0, cols, k, cap);
       }
       for (int64_t r = 0; r < nr; ++r) emit(i0 + r, seg, best.data(), rows[r].finish(k, best.data()));
     }
@@ -200,15 +202,15 @@ void similarity_rows(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) 
   const at::ThreadLocalState caller;
   at::parallel_for(0, (n + rows_per_block - 1) / rows_per_block, 1, [&](int64_t lo, int64_t hi) {
     const WorkerGuard worker(caller);
-    std::vector<float> buf(rows_per_block * m);
+    const at::Tensor buf = at::empty({rows_per_block * m}, a.options());
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t i0 = blk * rows_per_block, nr = std::min(rows_per_block, n - i0);
-      at::Tensor z = at::from_blob(buf.data(), {nr, m}, a.options());
+      at::Tensor z = at::from_blob(buf.data_ptr<float>(), {nr, m}, a.options());
       at::mm_out(z, a.narrow(0, i0, nr), b.t());
       if (out.scalar_type() == at::kBFloat16)
-        at::vec::convert(buf.data(), out.data_ptr<at::BFloat16>() + i0 * m, nr * m);
+        at::vec::convert(buf.data_ptr<float>(), out.data_ptr<at::BFloat16>() + i0 * m, nr * m);
       else
-        at::vec::convert(buf.data(), out.data_ptr<at::Half>() + i0 * m, nr * m);
+        at::vec::convert(buf.data_ptr<float>(), out.data_ptr<at::Half>() + i0 * m, nr * m);
     }
   });
 }

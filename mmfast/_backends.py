@@ -77,6 +77,19 @@ def select(name: Optional[str], device: torch.device) -> str:
     return name
 
 
+SECOND_ORDER = ("second-order gradients (backward through a gradient taken with create_graph=True) are not "
+                "supported by {}, whose gradients are first-order only")
+
+
+def first_order_only(backward_op, family: str) -> None:
+    """Registers a backward op's own gradient as this clear error. Without it, backward through its
+    output fails in torch's internal terms."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(SECOND_ORDER.format(family))
+
+    backward_op.register_autograd(refuse)
+
+
 def no_autocast(t: torch.Tensor):
     """The op bodies compute in fp32 by design; an enclosing autocast region must not lower their
     GEMMs (a forward's statistics and its backward's recomputed logits would then disagree)."""

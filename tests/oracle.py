@@ -57,7 +57,9 @@ def cross_entropy_rows(x, target, ignore_index=-100, eps=0.0, z=0.0):
     kept = target != ignore_index
     y = torch.where(kept, target, 0)
     lse = torch.logsumexp(x, 1)
-    loss = lse - (1 - eps) * x.gather(1, y[:, None])[:, 0] - eps * x.mean(1) + z * lse * lse
+    loss = lse - (1 - eps) * x.gather(1, y[:, None])[:, 0] + z * lse * lse
+    if eps:  # (not 0·mean: a row with −inf logits, a masked vocabulary, has mean −inf)
+        loss = loss - eps * x.mean(1)
     return torch.where(kept, loss, 0.0)
 
 

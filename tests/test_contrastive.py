@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -305,6 +306,52 @@ def test_siglip_confident_batch_keeps_precision(backend):
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
 
 
+# ---------------------------------------------------------------- frozen towers, scalar forms
+
+def frozen_tower_cases():
+    """(name, loss fn of the tensors, tensors, which of them require grad): only the temperature
+    and bias (temperature calibration, both towers frozen), or only a negative bank and the scale."""
+    a, b, neg = features(9, 6), features(9, 6), features(11, 6)
+    s, bias = torch.tensor(7.0), torch.tensor([-2.0])
+    return [
+        ("clip", lambda a, b, s, bi, be: mmfast.clip_loss(a, b, s, logit_bias=bi, backend=be),
+         lambda a, b, s, bi: oracle.clip_loss(a, b, s, bi), [a, b, s, bias], [False, False, True, True]),
+        ("siglip", lambda a, b, s, bi, be: mmfast.siglip_loss(a, b, s, bi, backend=be), oracle.siglip_loss,
+         [a, b, s, bias], [False, False, True, True]),
+        ("infonce", lambda q, k, s, n, be: mmfast.infonce_loss(q, k, s, negatives=n, backend=be),
+         lambda q, k, s, n: oracle.infonce_loss(q, k, s, negatives=n), [a, b, s, neg], [False, False, True, True]),
+        ("infonce-bank-only", lambda q, k, s, n, be: mmfast.infonce_loss(q, k, s, negatives=n, backend=be),
+         lambda q, k, s, n: oracle.infonce_loss(q, k, s, negatives=n), [a, b, s, neg], [False, False, False, True]),
+    ]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("case", range(4), ids=["clip", "siglip", "infonce", "infonce-bank-only"])
+def test_frozen_towers(backend, case):
+    """Gradients for only the scale/bias or only the negative bank: the others get none (and the op's
+    empty gradient outputs must be distinct tensors, or the custom-op machinery raises)."""
+    name, ours, ref, tensors, wanted = frozen_tower_cases()[case]
+    leaves = [t.clone().requires_grad_(w) for t, w in zip(tensors, wanted)]
+    loss = ours(*leaves, backend)
+    loss.backward()
+    ref_leaves = [t.double().requires_grad_(w) for t, w in zip(tensors, wanted)]
+    ref(*ref_leaves).backward()
+    assert rel_err(loss, ref(*[t.detach() for t in ref_leaves])) < FP32_TOL
+    for leaf, ref_leaf, w in zip(leaves, ref_leaves, wanted):
+        assert (leaf.grad is not None) == w, name
+        if w:
+            assert rel_err(leaf.grad, ref_leaf.grad) < FP32_TOL, name
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_scale_and_bias_forms_agree(backend):
+    """A float, an int, NumPy float32/float64 scalars, 0-d and [1] tensors: the same loss."""
+    a, b = features(5, 4), features(5, 4)
+    forms = [2.0, 2, np.float32(2.0), np.float64(2.0), torch.tensor(2.0), torch.tensor([2.0])]
+    losses = [mmfast.clip_loss(a, b, s, logit_bias=np.float32(-1.0), backend=backend) for s in forms]
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+
+
 def test_siglip_loss_module_accepts_no_bias():
     a, b = features(9, 4), features(9, 4)
     loss = mmfast.nn.SigLipLoss()(a, b, 3.0, None)
@@ -343,6 +390,9 @@ BAD = [
     (lambda: mmfast.infonce_loss(A, B[:0], 1.0), ValueError, "keys is an empty batch"),
     (lambda: mmfast.siglip_loss(A, B[:2], 1.0, 0.0), ValueError, "text_features needs at least as many rows"),
     (lambda: mmfast.siglip_loss(A, B, 1.0, "x"), TypeError, "logit_bias must be a float"),
+    (lambda: mmfast.clip_loss(A, B, True), TypeError, "logit_scale must be a float"),
+    (lambda: mmfast.clip_loss(A, B, 10**400), ValueError, "logit_scale must be finite"),
+    (lambda: mmfast.clip_loss(A[:, :0], B[:, :0], 1.0), ValueError, r"image_features has no features \(D = 0\)"),
 ]
 
 

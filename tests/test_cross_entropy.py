@@ -1,6 +1,7 @@
 """cross_entropy and linear_cross_entropy on every backend against float64 references (tests/oracle.py)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,8 +163,15 @@ def test_fused_gradients_are_used_once(backend):
     (2 * loss).backward(retain_graph=True)
     expected = torch.autograd.grad(2 * oracle.linear_masked_lm_loss(h.double(), w.double(), y), [h])[0]
     assert rel_err(h.grad, expected, floor=1e-30) < FP32_TOL
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="supports one backward per forward"):
         loss.backward()
+    # reduction "none" recomputes in each backward: retained graphs work there
+    h.grad = None
+    rows = mmfast.linear_cross_entropy(h, w, y, reduction="none", backend=backend)
+    loss = rows.sum() / (y != -100).sum()
+    (2 * loss).backward(retain_graph=True)
+    loss.backward()
+    assert rel_err(h.grad, 1.5 * expected, floor=1e-30) < FP32_TOL
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -266,6 +274,107 @@ def test_autocast_forward_then_fp32_backward(backend):
     check(loss_and_grads(under_autocast, [h, w]), expected, FP32_TOL, ["loss", "d_hidden", "d_weight"])
 
 
+# ---------------------------------------------------------------- layouts, masks and block edges
+
+@pytest.mark.parametrize("backend", backend_params(["torch", "cpu"]))
+def test_sliced_fp32_logits_are_left_unchanged(backend):
+    """A padded vocabulary sliced to size (padded[:, :V]): at V > 2^20 the cpu backend's blocks are
+    one row each, and a one-row block of a strided tensor is contiguous. The gradient must go to
+    new memory, never into the caller's logits."""
+    t, v = 3, (1 << 20) + 1
+    padded = randn(t, v + 7, scale=2.0).requires_grad_()
+    before = padded.detach().clone()
+    y = targets(t, v, ignored=0.0)
+    loss = mmfast.cross_entropy(padded[:, :v], y, backend=backend)
+    loss.backward()
+    assert torch.equal(padded.detach(), before)
+    ref = loss_and_grads(lambda x: oracle.masked_lm_loss(x, y), [before[:, :v].double()])
+    check([loss, padded.grad[:, :v]], ref, FP32_TOL, ["loss", "d_logits"])
+    assert bool((padded.grad[:, v:] == 0).all())
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch", "cpu"]))
+@pytest.mark.parametrize("layout", ["bf16", "transposed"])
+def test_cross_entropy_converted_rows_cross_blocks(backend, layout):
+    """bf16 and non-unit-stride logits are converted to fp32 in blocks of 2^21 // V rows on the cpu
+    backend (31 rows at V = 65539): 70 rows cross two block edges, with targets in every block."""
+    t, v = 70, (1 << 16) + 3
+    x = randn(v, t, scale=3.0).T if layout == "transposed" else randn(t, v, scale=3.0, dtype=torch.bfloat16)
+    y = targets(t, v, ignored=0.1, seed=5)
+    refs = loss_and_grads(lambda x: oracle.masked_lm_loss(x, y, eps=0.1), [x.double()])
+    outs = loss_and_grads(lambda x: mmfast.cross_entropy(x, y, label_smoothing=0.1, backend=backend), [x])
+    tol = FP32_TOL if layout == "transposed" else 2e-3  # bf16 gradients: rounded to 8 bits
+    check(outs, refs, tol, ["loss", "d_logits"])
+
+
+def masked_vocabulary(v, chunks):
+    """A bias (V,) of ones with −inf on whole vocabulary chunks [c0, c1): masked (padded) entries."""
+    bias = torch.ones(v)
+    for c0, c1 in chunks:
+        bias[c0:c1] = float("-inf")
+    return bias
+
+
+# Whole −inf tiles: the cpu tile walk's 512-column chunks and the interpreter's 32-wide triton tiles.
+MASKED = [(32, 64), (512, 1024), (1400, 1500)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # cpu, torch: gradients formed in forward, or recomputed
+def test_linear_cross_entropy_masked_vocabulary_tiles(backend, reduction):
+    """A −inf bias on whole vocabulary tiles (padding masked out): finite loss and gradients, as
+    the float64 reference; every online (max, sum of exp) merge must treat a −inf tile as empty."""
+    t, v, d = 6, 1500, 8
+    bias = masked_vocabulary(v, MASKED)
+    y = torch.randint(64, 512, (t,), generator=torch.Generator().manual_seed(0))
+    tensors = [randn(t, d, seed=2), randn(v, d, scale=0.5, seed=3), bias]
+
+    def ours(h, w, b):
+        return mmfast.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend)
+
+    outs = loss_and_grads(ours, tensors)
+    refs = loss_and_grads(lambda h, w, b: oracle.linear_masked_lm_loss(h, w, y, b, reduction=reduction),
+                          [x.double() for x in tensors])
+    assert all(bool(torch.isfinite(o).all()) for o in outs)
+    check(outs, refs, FP32_TOL, ["loss", "d_hidden", "d_weight", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_cross_entropy_masked_logits(backend):
+    """−inf logits, whole chunks of them (a row's 32-wide triton chunk, half a row): finite results."""
+    x = randn(5, 300, scale=2.0) + masked_vocabulary(300, [(32, 64), (150, 300)]) - 1
+    y = torch.tensor([0, 70, 149, 3, -100])
+    outs = loss_and_grads(lambda x: mmfast.cross_entropy(x, y, z_loss=1e-3, backend=backend), [x])
+    refs = loss_and_grads(lambda x: oracle.masked_lm_loss(x, y, z=1e-3), [x.double()])
+    check(outs, refs, FP32_TOL, ["loss", "d_logits"])
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_class_valued_ignore_index(backend, reduction):
+    """ignore_index = 3, a real class: rows whose target is 3 are ignored, the others kept."""
+    t, v, d = 40, 70, 12
+    y = targets(t, v, ignored=0.0, seed=7)
+    y[::3] = 3
+    tensors = [randn(t, d, seed=2), randn(v, d, scale=0.5, seed=3), randn(v, seed=4)]
+
+    def ours(h, w, b):
+        return mmfast.linear_cross_entropy(h, w, y, bias=b, ignore_index=3, reduction=reduction, backend=backend)
+
+    refs = loss_and_grads(lambda h, w, b: oracle.linear_masked_lm_loss(h, w, y, b, ignore_index=3, reduction=reduction),
+                          [x.double() for x in tensors])
+    check(loss_and_grads(ours, tensors), refs, FP32_TOL, ["loss", "d_hidden", "d_weight", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_numpy_scalars_are_options(backend):
+    x, y = randn(6, 10), targets(6, 10)
+    expected = mmfast.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+    got = mmfast.cross_entropy(x, y, label_smoothing=np.float32(0.1), z_loss=np.float64(1e-3),
+                               ignore_index=np.int64(-100), backend=backend)
+    assert rel_err(got, expected) < 1e-7
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_inputs():
@@ -289,6 +398,14 @@ def test_bad_inputs():
         (lambda: mmfast.linear_cross_entropy(h, w, y, bias=randn(10).bfloat16()), TypeError, "bias must have"),
         (lambda: mmfast.linear_cross_entropy(h, w, y[None]), ValueError, "target must have shape"),
         (lambda: mmfast.linear_cross_entropy(h, w, y, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda: mmfast.cross_entropy(x, y.to("meta")), ValueError, "target must be on the device of logits"),
+        (lambda: mmfast.linear_cross_entropy(h, w, y.to("meta")), ValueError, "target must be on the device of hidden"),
+        (lambda: mmfast.linear_cross_entropy(h[:, :0], w[:, :0], y), ValueError, "hidden has hidden size Dh = 0"),
+        (lambda: mmfast.cross_entropy(x, y, ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
+        (lambda: mmfast.cross_entropy(x, torch.tensor([-100, 1, 2, 3, 4, 5], dtype=torch.int32), ignore_index=-2**40),
+         ValueError, "target values must be in"),
+        (lambda: mmfast.cross_entropy(x, y, ignore_index=np.float32(3)), TypeError, "ignore_index must be an int"),
+        (lambda: mmfast.cross_entropy(x, y, label_smoothing=np.float32(1.5)), ValueError, "label_smoothing"),
     ]
     for fn, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):

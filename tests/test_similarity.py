@@ -200,6 +200,19 @@ def test_similarity_bf16(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_similarity_half_output_crosses_row_blocks(backend, out_dtype):
+    """A bf16/fp16 output is written through blocks of 256 rows on the cpu backend: 600 rows cross
+    two block edges; every row must be written (and right)."""
+    a, b = features(600, 8), features(40, 8)
+    s64 = scores64(a, b, 3.0, False)
+    s = mmfast.similarity(a, b, scale=3.0, out_dtype=out_dtype, backend=backend)
+    assert s.dtype == out_dtype
+    assert rel_err(s, s64) <= 2 * rel_err(s64.to(out_dtype), s64) + 1e-6
+    assert rel_err(s[512:], s64[512:]) <= 2 * rel_err(s64[512:].to(out_dtype), s64[512:]) + 1e-6
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_similarity_zero_row_and_negative_scale(backend):
     """A zero row under normalize gives zero scores (F.normalize's eps), not NaN; its gradient is
     F.normalize's (1/eps times the incoming one); a negative scale is allowed."""

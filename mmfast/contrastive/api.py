@@ -39,6 +39,7 @@ def clip_loss(
     used as given (pass logit_scale.exp() as open_clip does); logit_bias is added to every logit.
     reduction "none" gives (N,): per pair, the average of its image→text and text→image terms.
     """
+    _checks.plain_autograd("clip_loss")
     a = _checks.features("image_features", image_features)
     b = _checks.features("text_features", text_features, a, "image_features")
     _checks.nonempty("image_features", a)
@@ -80,6 +81,7 @@ def infonce_loss(
     into keys of each query's positive (default arange(N), which needs M >= N).
     reduction "none" gives (N,).
     """
+    _checks.plain_autograd("infonce_loss")
     q = _checks.features("query", query)
     k = _checks.features("keys", keys, q, "query")
     _checks.nonempty("query", q)
@@ -119,6 +121,7 @@ def siglip_loss(
     the diagonal and −1 elsewhere. image_features: (N, D), text_features: (M, D), M >= N; pairs on
     the diagonal. −log σ(t·z) = softplus(−t·z), summed by the op with t = +1 at each row's positive.
     """
+    _checks.plain_autograd("siglip_loss")
     a = _checks.features("image_features", image_features)
     b = _checks.features("text_features", text_features, a, "image_features")
     _checks.nonempty("image_features", a)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast._backends import no_autocast
+from mmfast._backends import first_order_only, no_autocast
 from mmfast.contrastive import chunked
 
 
@@ -125,3 +125,4 @@ def _backward(ctx, grad_row, grad_col):
 
 
 contrastive_stats.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(contrastive_stats_backward, "mmfast's contrastive losses")

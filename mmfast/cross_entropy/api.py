@@ -7,6 +7,7 @@ the target's shape, 0 at ignored positions.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -36,9 +37,10 @@ def cross_entropy(
     T×V memory of its own; `logits` is then consumed (it must be contiguous and used by nothing
     else that needs it in backward: autograd raises if something does).
     """
+    _checks.plain_autograd("cross_entropy")
     x = _logits_arg(logits)
     vocab = x.shape[-1]
-    y = _target_arg(target, x.shape[:-1], "logits", vocab, ignore_index)
+    y = _target_arg(target, x, "logits", vocab, ignore_index)
     eps, z = _loss_options(label_smoothing, z_loss, reduction)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
@@ -74,7 +76,10 @@ def linear_cross_entropy(
     forward pass from the same logits (6·T_kept·V·Dh FLOPs) and hold them until backward;
     otherwise the backward recomputes the logits tile by tile (8·T_kept·V·Dh in all).
     """
+    _checks.plain_autograd("linear_cross_entropy")
     h = _checks.tensor_2d_or_3d("hidden", hidden)
+    if h.shape[-1] == 0:
+        raise ValueError(f"hidden has hidden size Dh = 0 (shape {tuple(h.shape)}); expected Dh ≥ 1")
     w = _checks.features("weight", weight)
     _same_dtype_device("weight", w, h)
     if w.shape[1] != h.shape[-1]:
@@ -87,7 +92,7 @@ def linear_cross_entropy(
             raise ValueError(f"bias must be a tensor of shape ({vocab},) (one per row of weight), "
                              f"got {getattr(bias, 'shape', type(bias).__name__)}")
         _same_dtype_device("bias", bias, h)
-    y = _target_arg(target, h.shape[:-1], "hidden", vocab, ignore_index)
+    y = _target_arg(target, h, "hidden", vocab, ignore_index)
     eps, z = _loss_options(label_smoothing, z_loss, reduction)
     name = _backends.select(backend, h.device)
     h2, y2 = h.reshape(-1, h.shape[-1]), _kernel_targets(y.reshape(-1), ignore_index)
@@ -105,8 +110,7 @@ def linear_cross_entropy(
 def _same_dtype_device(name: str, t: Tensor, h: Tensor) -> None:
     if t.dtype != h.dtype:
         raise TypeError(f"{name} must have hidden's dtype ({h.dtype}), got {t.dtype}")
-    if t.device != h.device:
-        raise ValueError(f"{name} must be on hidden's device ({h.device}), got {t.device}")
+    _checks.same_device(name, t, "hidden", h)
 
 
 def _logits_arg(logits) -> Tensor:
@@ -116,27 +120,33 @@ def _logits_arg(logits) -> Tensor:
     return x
 
 
-def _target_arg(target, shape, like: str, vocab: int, ignore_index: int) -> Tensor:
-    """An integer tensor of `shape` (the input's leading dims) with values in [0, V) or ignore_index."""
+def _target_arg(target, like_tensor: Tensor, like: str, vocab: int, ignore_index: int) -> Tensor:
+    """An integer tensor of the input's leading dims, on its device, with values in [0, V) or ignore_index."""
+    shape = like_tensor.shape[:-1]
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}")
     if tuple(target.shape) != tuple(shape):
         raise ValueError(f"target must have shape {tuple(shape)} ({like}'s leading dims), got {tuple(target.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    _checks.same_device("target", target, like, like_tensor)
+    if not (_checks.is_real(ignore_index) and isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    lo, hi = _checks.INT64_RANGE
+    if not lo <= ignore_index <= hi:
+        raise ValueError(f"ignore_index must fit in int64 ([{lo}, {hi}]), got {ignore_index}")
     if _checks.checking_values() and target.numel() > 0:
-        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        t = target.long()  # int32 targets against an ignore_index beyond int32
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
         if bool(bad.any()):
-            first = target[bad][0].item()
+            first = t[bad][0].item()
             raise ValueError(f"target values must be in [0, {vocab}) or ignore_index={ignore_index}; got {first}")
     return target
 
 
 def _loss_options(label_smoothing, z_loss, reduction):
     eps = _checks.smoothing(label_smoothing)
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (float, int)) or not 0.0 <= z_loss < float("inf"):
+    if not _checks.is_real(z_loss) or not 0.0 <= z_loss < float("inf"):
         raise ValueError(f"z_loss must be a finite float ≥ 0, got {z_loss!r}")
     _checks.choice("reduction", reduction, REDUCTIONS)
     return eps, float(z_loss)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast._backends import no_autocast
+from mmfast._backends import SECOND_ORDER, first_order_only, no_autocast
 from mmfast.cross_entropy import chunked
 
 
@@ -123,6 +123,7 @@ def _ce_backward(ctx, grad_loss):
 
 
 cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+first_order_only(cross_entropy_backward, "mmfast.cross_entropy")
 
 
 # ---- linear + cross_entropy over the kept rows -------------------------------------------------
@@ -171,6 +172,7 @@ def _lce_backward(ctx, grad_loss, grad_lse):
 
 
 linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+first_order_only(linear_cross_entropy_backward, "mmfast.linear_cross_entropy")
 
 
 @torch.library.custom_op("mmfast::linear_cross_entropy_fused", mutates_args=())
@@ -191,12 +193,25 @@ def _(h, w, bias, y, row_weight, eps, z, backend):
 def _fused_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.has_bias = inputs[2] is not None
+    ctx.handed_over = False
     ctx.set_materialize_grads(False)  # else autograd fills zero "gradients" of dh, dw, dbias: 3 more buffers
 
 
-def _fused_backward(ctx, grad_loss, *unused):
+ONE_BACKWARD = (
+    "mmfast.linear_cross_entropy with reduction 'mean' or 'sum' on the cpu and torch backends forms its "
+    "gradients in the forward pass and hands them over in one backward: it supports one backward per forward. "
+    "For several (retain_graph=True), use reduction='none' and reduce the result yourself: that path "
+    "recomputes the logits in each backward.")
+
+
+def _fused_backward(ctx, grad_loss, *output_grads):
+    if any(g is not None for g in output_grads):  # a gradient of the returned gradients: second order
+        raise RuntimeError(SECOND_ORDER.format("mmfast.linear_cross_entropy"))
     if grad_loss is None:
         return (None,) * 8
+    if ctx.handed_over:
+        raise RuntimeError(ONE_BACKWARD)
+    ctx.handed_over = True
     dh, dw, db = ctx.saved_tensors
     for g in (dh, dw, db):  # in place: a copy of dW would double the op's memory
         g.mul_(grad_loss.to(g.dtype))

@@ -30,6 +30,7 @@ def similarity(
     out_dtype (default: the inputs' dtype). Differentiable in a, b and a tensor scale (the
     backward recomputes the norms; it keeps a, b and scale, not S).
     """
+    _checks.plain_autograd("similarity")
     a, b, scale = _operands("a", a, "b", b, scale)
     if out_dtype is None:
         out_dtype = a.dtype

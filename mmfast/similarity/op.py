@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmfast._backends import no_autocast
+from mmfast._backends import first_order_only, no_autocast
 from mmfast.similarity import chunked, reference
 
 
@@ -92,6 +92,7 @@ def _backward(ctx, grad):
 
 
 similarity.register_autograd(_backward, setup_context=_setup_context)
+first_order_only(similarity_backward, "mmfast.similarity")
 
 
 @torch.library.custom_op("mmfast::topk_similarity", mutates_args=())
