@@ -20,7 +20,8 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 import peers  # noqa: E402
 
-IMPLS = ("cpu", "torch", "reference", "open_clip", "floor")
+# cpu_deterministic: the cpu backend under torch.use_deterministic_algorithms(True) (fixed reduction order).
+IMPLS = ("cpu", "cpu_deterministic", "torch", "reference", "open_clip", "floor")
 
 
 def make_step(impl: str, n: int, d: int):
@@ -48,7 +49,8 @@ def make_step(impl: str, n: int, d: int):
     else:
         import mmfast
 
-        loss_fn = lambda a, b, s: mmfast.clip_loss(a, b, s, backend=impl)  # noqa: E731
+        backend = harness.deterministic_backend(impl)
+        loss_fn = lambda a, b, s: mmfast.clip_loss(a, b, s, backend=backend)  # noqa: E731
 
     def step():
         a.grad = b.grad = scale.grad = None

@@ -29,7 +29,8 @@ import harness  # noqa: E402
 
 SHAPES = {"bert": (8192, 30522, 768), "xlmr": (4096, 250002, 768)}
 KEPT = 0.15
-IMPLS = ("cpu", "torch", "masked_torch", "torch_chunked", "hf_full", "floor")
+# cpu_deterministic: the cpu backend under torch.use_deterministic_algorithms(True) (fixed reduction order).
+IMPLS = ("cpu", "cpu_deterministic", "torch", "masked_torch", "torch_chunked", "hf_full", "floor")
 
 
 def inputs(t: int, v: int, d: int):
@@ -71,8 +72,10 @@ def make_step(impl: str, t: int, v: int, d: int):
     else:
         import mmfast
 
+        backend = harness.deterministic_backend(impl)
+
         def loss_fn():
-            return mmfast.linear_cross_entropy(h, w, target, bias=b, backend=impl)
+            return mmfast.linear_cross_entropy(h, w, target, bias=b, backend=backend)
 
     def step():
         h.grad = w.grad = b.grad = None

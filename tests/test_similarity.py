@@ -44,7 +44,8 @@ def check_topk(values, indices, s64, k, tol=FP32_TOL):
 
 
 # (5, 3000, 16): few rows, many columns: the cpu kernel splits the columns into segments and merges.
-SHAPES = [(1, 1, 1), (7, 129, 13), (129, 7, 33), (40, 150, 37), (300, 1000, 100), (5, 3000, 16)]
+# (1100, 4000, 8): past the torch backend's chunks of 2^22 scores (forward, top-k and backward).
+SHAPES = [(1, 1, 1), (7, 129, 13), (129, 7, 33), (40, 150, 37), (300, 1000, 100), (5, 3000, 16), (1100, 4000, 8)]
 
 
 @pytest.mark.parametrize("backend", ALL)
