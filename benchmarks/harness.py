@@ -126,3 +126,12 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def deterministic_backend(impl: str) -> str:
+    """The backend an impl name runs: "cpu_deterministic" is the cpu backend with
+    torch.use_deterministic_algorithms(True) set (for this worker process, which runs one case)."""
+    if impl.endswith("_deterministic"):
+        torch.use_deterministic_algorithms(True)
+        return impl[: -len("_deterministic")]
+    return impl
