@@ -1,192 +1,361 @@
-"""clip_loss forward+backward on one CUDA GPU, bf16: mmfast's triton backend against the reference,
-open_clip's ClipLoss, Inf-CL (when installed), and torch.compile of the reference.
+"""Every op family on one CUDA GPU, bf16: mmfast's backends that run on CUDA (triton, torch,
+reference), the peers that are installed (open_clip, Inf-CL, Liger-Kernel, Cut Cross-Entropy),
+torch.compile of the reference, and the floor (the GEMMs the op must do, timed with torch.mm).
 
-    python benchmarks/bench_gpu.py [--quick] [--out DIR]
-    python benchmarks/bench_gpu.py --topk [--out DIR]    # topk_similarity instead (see topk_main)
+    python benchmarks/bench_gpu.py FAMILY [--budget S] [--jsonl PATH]    # all but torch.compile
+    python benchmarks/bench_gpu.py compiled [--budget S] [--jsonl PATH]  # torch.compile, family by family
+    python benchmarks/bench_gpu.py machine [--jsonl PATH]   # the GPU, versions, bf16 matmul peak
+    python benchmarks/bench_gpu.py report --jsonl PATH      # tables and one JSON of a run's rows
 
-Also measures the machine's bf16 matmul peak (torch.mm, 8192³), so each row's effective TFLOP/s
-(8·N²·D counted for every implementation) comes with its ratio to that peak. Times are medians
-of CUDA-event timings; memory is torch.cuda.max_memory_allocated over the inputs. An out-of-memory
-is recorded as such.
+FAMILY: clip, siglip, infonce (forward + backward), cross_entropy, linear_cross_entropy (forward +
+backward; benchmarks/bench_gpu_cross_entropy.py), similarity, topk (forward). torch.compile's rows
+run apart (`compiled`), since compiling takes tens of seconds a case. benchmarks/gpu_check.sh runs
+them all, each under its own timeout, into one JSONL file.
+
+Each row is appended to the JSONL file (default: $OUT/gpu-bench.jsonl, else benchmarks/results/) as
+soon as it is measured; a case that cannot start within the budget (seconds since the process
+started) is written as skipped. Times: medians of CUDA-event timings after one warm-up call (which
+autotunes and compiles); memory: peak allocated beyond what existed before the timed calls, reset
+after the warm-up (harness.gpu_measure). TFLOP/s count the same FLOPs for every implementation
+(`flops` in each row, e.g. 8·N·M·D for a contrastive loss, the minimum for one that does not keep Z).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 import peers  # noqa: E402
 
-
-def cuda_time(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def matmul_peak(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    times = cuda_time(lambda: a @ b, 3, 10)
-    return 2 * n**3 / statistics.median(times) / 1e12
+DEVICE = "cuda"
+REPEATS = 5
+COMPILED = "compiled-reference"
+# A case is started only with this many seconds of the budget left (torch.compile's first call
+# compiles the forward and backward graphs).
+RESERVE_S = {COMPILED: 20.0}
+DEFAULT_RESERVE_S = 6.0
+# The families whose torch.compile rows `compiled` measures, most wanted first.
+COMPILED_ORDER = ("clip", "linear_cross_entropy", "cross_entropy", "siglip", "infonce", "similarity")
+# Sizes, bf16, chosen so that each family's step fits its time budget in gpu_check.sh.
+CLIP_SIZES = [(16384, 512), (65536, 512)]  # (N = M, D)
+SIGLIP_SIZES = [(16384, 512)]
+INFONCE_SIZES = [(4096, 65536, 512), (32768, 32768, 512)]  # (N, M, D): few queries, many keys first
+SIMILARITY_SIZES = [(32768, 32768, 512)]
+TOPK_SIZES = [(32768, 1_000_000, 256, 10)]  # (N, M, D, k): the scores would be 64 GiB in bf16
+TOPK_CHUNK, AGREEMENT_QUERIES = 65536, 2048
 
 
-def loss_fns():
+@dataclasses.dataclass
+class Case:
+    """One size of a family: its implementations as no-argument steps (each drops the leaves'
+    gradients first), the leaves whose gradients they make, and the work every step counts."""
+    sizes: dict
+    impls: dict[str, Callable[[], object]]
+    leaves: list
+    work: dict  # {"flops": n} or {"bytes": n}
+    repeats: int = REPEATS
+
+
+def training_step(fn, leaves, *args):
+    """A step: drop the leaves' gradients, then fn(*args).backward()."""
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*args).backward()
+    return step
+
+
+def _normalized(n: int, d: int, g: torch.Generator, grad: bool = True) -> torch.Tensor:
+    x = F.normalize(torch.randn(n, d, device=DEVICE, generator=g), dim=1).bfloat16()
+    return x.requires_grad_(grad)
+
+
+def contrastive_floor(a, b):
+    """The four GEMM passes a fused contrastive loss must do (Z, then Z again, G·B and Gᵀ·A in the
+    backward), with Z standing in for G: 8·N·M·D FLOPs."""
+    a, b = a.detach(), b.detach()
+    z = a @ b.T
+
+    def step():
+        torch.mm(a, b.T, out=z)
+        torch.mm(a, b.T, out=z)
+        torch.mm(z, b)
+        torch.mm(z.T, a)
+    return step
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def clip_cases() -> Iterator[Case]:
     import mmfast
     from mmfast.contrastive import reference
 
-    fns = {
-        "mmfast-triton": lambda a, b, s: mmfast.clip_loss(a, b, s, backend="triton"),
-        "reference": lambda a, b, s: mmfast.clip_loss(a, b, s, backend="reference"),
-    }
     oc = peers.open_clip_loss()
-    if oc is not None:
-        fns["open_clip"] = oc.ClipLoss()
-    try:
-        from inf_cl import cal_inf_loss
-
-        fns["inf_cl"] = lambda a, b, s: 0.5 * (cal_inf_loss(a, b, scale=s) + cal_inf_loss(b, a, scale=s))
-    except ImportError:
-        pass
-    compiled = torch.compile(lambda a, b, s: reference.clip_loss(a, b, s, None, 0.0, "mean"), dynamic=True)
-    fns["compiled-reference"] = compiled
-    return fns
-
-
-def run_case(fn, n: int, d: int, repeats: int) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
-    b = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16().requires_grad_()
-    scale = torch.tensor(100.0, device="cuda", requires_grad=True)
-
-    def step():
-        a.grad = b.grad = scale.grad = None
-        fn(a, b, scale).backward()
-
-    return time_and_memory(step, [a, b, scale], repeats)
+    for n, d in CLIP_SIZES:
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        a, b = _normalized(n, d, g), _normalized(n, d, g)
+        s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+        leaves = [a, b, s]
+        fns = {f"mmfast-{backend}": (lambda a, b, s, backend=backend: mmfast.clip_loss(a, b, s, backend=backend))
+               for backend in ("triton", "torch", "reference")}
+        if oc is not None:
+            fns["open_clip"] = oc.ClipLoss()
+        inf_cl = _inf_cl()
+        if inf_cl is not None:
+            fns["inf_cl"] = lambda a, b, s: 0.5 * (inf_cl(a, b, scale=s) + inf_cl(b, a, scale=s))
+        fns[COMPILED] = _compiled(lambda a, b, s: reference.clip_loss(a, b, s, None, 0.0, "mean"))
+        impls = {name: training_step(fn, leaves, a, b, s) for name, fn in fns.items()}
+        impls["floor"] = contrastive_floor(a, b)
+        yield Case({"N": n, "M": n, "D": d}, _floor_second(impls), leaves, {"flops": 8 * n * n * d})
 
 
-def time_and_memory(step, leaves, repeats: int) -> dict:
-    """Median CUDA time of step() and its peak memory beyond what existed before; an exception
-    (out of memory, a peer's failure) is recorded instead, so one implementation cannot end the run."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        times = cuda_time(step, 1, repeats)
-    except Exception as exc:
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        return {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:200]}"}
-    finally:
-        for leaf in leaves:
-            leaf.grad = None
-        torch.cuda.empty_cache()
-    return {"times_s": times, "median_s": statistics.median(times),
-            "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
+def siglip_cases() -> Iterator[Case]:
+    import mmfast
+    from mmfast.contrastive import reference
+
+    oc = peers.open_clip_loss()
+    for n, d in SIGLIP_SIZES:
+        g = torch.Generator(device=DEVICE).manual_seed(1)
+        a, b = _normalized(n, d, g), _normalized(n, d, g)
+        s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+        bias = torch.tensor(-10.0, device=DEVICE, requires_grad=True)
+        leaves = [a, b, s, bias]
+        fns = {f"mmfast-{backend}": (lambda a, b, s, bias, backend=backend:
+                                     mmfast.siglip_loss(a, b, s, bias, backend=backend))
+               for backend in ("triton", "torch", "reference")}
+        if oc is not None:
+            fns["open_clip"] = oc.SigLipLoss()
+        fns[COMPILED] = _compiled(reference.siglip_loss)
+        impls = {name: training_step(fn, leaves, a, b, s, bias) for name, fn in fns.items()}
+        impls["floor"] = contrastive_floor(a, b)
+        yield Case({"N": n, "M": n, "D": d}, _floor_second(impls), leaves, {"flops": 8 * n * n * d})
 
 
-def topk_main(args) -> int:
-    """topk_similarity, bf16, N = 10^5 queries × M = 10^6 keys, D = 256, k = 10 (the score matrix
-    would be 200 GB): the triton backend against the torch backend (chunked) on the same GPU, and
-    their agreement on the first 2048 queries (the full matrix is recorded as the out of memory it is)."""
+def infonce_cases() -> Iterator[Case]:
+    """A small local batch of queries against many keys (the case the stats kernel's column splits
+    are for), then a square one."""
+    import mmfast
+    from mmfast.contrastive import reference
+
+    inf_cl = _inf_cl()
+    for n, m, d in INFONCE_SIZES:
+        g = torch.Generator(device=DEVICE).manual_seed(2)
+        q, k = _normalized(n, d, g), _normalized(m, d, g)
+        s = torch.tensor(50.0, device=DEVICE, requires_grad=True)
+        labels = torch.arange(n, device=DEVICE)
+        leaves = [q, k, s]
+        fns = {f"mmfast-{backend}": (lambda q, k, s, backend=backend:
+                                     mmfast.infonce_loss(q, k, s, labels=labels, backend=backend))
+               for backend in ("triton", "torch", "reference")}
+        if inf_cl is not None:
+            fns["inf_cl"] = lambda q, k, s: inf_cl(q, k, labels=labels, scale=s)
+        fns[COMPILED] = _compiled(lambda q, k, s: reference.infonce_loss(q, k, s, labels, None, 0.0, "mean"))
+        impls = {name: training_step(fn, leaves, q, k, s) for name, fn in fns.items()}
+        impls["floor"] = contrastive_floor(q, k)
+        yield Case({"N": n, "M": m, "D": d}, _floor_second(impls), leaves, {"flops": 8 * n * m * d})
+
+
+def similarity_cases() -> Iterator[Case]:
+    import mmfast
+    from mmfast.similarity import reference
+
+    for n, m, d in SIMILARITY_SIZES:
+        g = torch.Generator(device=DEVICE).manual_seed(3)
+        a = torch.randn(n, d, device=DEVICE, generator=g).bfloat16()
+        b = torch.randn(m, d, device=DEVICE, generator=g).bfloat16()
+        scale = torch.tensor(1.0, device=DEVICE)
+        impls = {f"mmfast-{backend}": (lambda backend=backend: mmfast.similarity(a, b, normalize=True, backend=backend))
+                 for backend in ("triton", "torch", "reference")}
+        out = torch.empty(n, m, device=DEVICE, dtype=torch.bfloat16)
+        impls["floor"] = lambda: torch.mm(a, b.T, out=out)
+        compiled = _compiled(lambda a, b: reference.similarity(a, b, scale, True, torch.bfloat16))
+        impls[COMPILED] = lambda: compiled(a, b)
+        yield Case({"N": n, "M": m, "D": d}, _floor_second(impls), [], {"flops": 2 * n * m * d})
+
+
+def topk_cases() -> Iterator[Case]:
+    """Each query's k best keys, against the floor: the same scores by torch.mm in key chunks."""
     import mmfast
 
-    n, m, d, k = (20_000, 200_000, 256, 10) if args.quick else (100_000, 1_000_000, 256, 10)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
-    keys = torch.nn.functional.normalize(torch.randn(m, d, device="cuda", generator=g), dim=1).bfloat16()
-    fns = {
-        "mmfast-triton": lambda: mmfast.topk_similarity(q, keys, k, backend="triton"),
-        "mmfast-torch": lambda: mmfast.topk_similarity(q, keys, k, backend="torch"),
-        "full_torch": lambda: torch.topk(q @ keys.T, k, dim=1),
-    }
-    rows = []
-    for name, fn in fns.items():
-        print(f"  top-k N={n} M={m} D={d} k={k} {name} ...", file=sys.stderr, flush=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        try:
-            times = cuda_time(fn, 1, 3)
-            row = {"times_s": times, "median_s": statistics.median(times),
-                   "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
-            row["tflops"] = 2 * n * m * d / row["median_s"] / 1e12
-            row["extra_peak_mb"] = row["extra_peak_bytes"] / 2**20
-        except Exception as exc:  # one failing implementation must not end the run
-            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            row = {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:200]}"}
+    for n, m, d, k in TOPK_SIZES:
+        g = torch.Generator(device=DEVICE).manual_seed(4)
+        q, keys = _normalized(n, d, g, grad=False), _normalized(m, d, g, grad=False)
+        impls = {f"mmfast-{backend}": (lambda backend=backend: mmfast.topk_similarity(q, keys, k, backend=backend))
+                 for backend in ("triton", "torch", "reference")}
+        out = torch.empty(n, TOPK_CHUNK, device=DEVICE, dtype=torch.bfloat16)
+
+        def floor():
+            for c0 in range(0, m, TOPK_CHUNK):
+                block = keys[c0:c0 + TOPK_CHUNK]
+                torch.mm(q, block.T, out=out[:, :block.shape[0]])
+        impls["floor"] = floor
+        yield Case({"N": n, "M": m, "D": d, "k": k}, _floor_second(impls), [], {"flops": 2 * n * m * d}, repeats=3)
+
+
+def topk_agreement(log: harness.RowLog) -> None:
+    """triton against torch on the first queries of the first top-k case."""
+    import mmfast
+
+    n, m, d, k = TOPK_SIZES[0]
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    q, keys = _normalized(n, d, g, grad=False)[:AGREEMENT_QUERIES], _normalized(m, d, g, grad=False)
+    (v_tr, i_tr), (v_to, i_to) = (mmfast.topk_similarity(q, keys, k, backend=b) for b in ("triton", "torch"))
+    log.write({"family": "topk", "kind": "agreement", "queries": q.shape[0],
+               "max_abs_value_diff": float((v_tr - v_to).abs().max()),
+               "index_match_fraction": float((i_tr == i_to).double().mean())})
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        return None
+    return cal_inf_loss
+
+
+def _floor_second(impls: dict) -> dict:
+    """mmfast's triton backend first, the floor next (so both land before a timeout), then the rest
+    in order, torch.compile last (its compile takes the longest)."""
+    order = ["mmfast-triton", "floor"] + [n for n in impls if n not in ("mmfast-triton", "floor", COMPILED)]
+    return {name: impls[name] for name in order + [COMPILED] if name in impls}
+
+
+def families() -> dict[str, Callable[[], Iterator[Case]]]:
+    import bench_gpu_cross_entropy as mlm
+
+    return {"clip": clip_cases, "siglip": siglip_cases, "infonce": infonce_cases,
+            "cross_entropy": mlm.cross_entropy_cases, "linear_cross_entropy": mlm.linear_cross_entropy_cases,
+            "similarity": similarity_cases, "topk": topk_cases}
+
+
+def run_family(family: str, budget: harness.Budget, log: harness.RowLog, compiled: bool = False) -> int:
+    """Measures every case of the family (compiled: only torch.compile's rows; else all others), one
+    row per implementation as it finishes → the number of mmfast's rows that failed (an exception
+    other than out of memory; a peer's failure is only recorded)."""
+    failed = 0
+    for case in families()[family]():
+        for impl, step in case.impls.items():
+            if (impl == COMPILED) != compiled:
+                continue
+            row = {"family": family, "impl": impl, "dtype": "bfloat16", **case.sizes, **case.work}
+            reserve = RESERVE_S.get(impl, DEFAULT_RESERVE_S)
+            if budget.left() < reserve:
+                row["skipped"] = f"time budget: {budget.left():.0f} s left, a case needs {reserve:.0f}"
+            else:
+                print(f"  {family} {case.sizes} {impl} ...", file=sys.stderr, flush=True)
+                row.update(harness.gpu_measure(step, case.leaves, case.repeats))
+            if "median_s" in row:
+                if "flops" in row:
+                    row["tflops"] = row["flops"] / row["median_s"] / 1e12
+                else:
+                    row["gbps"] = row["bytes"] / row["median_s"] / 1e9
+            failed += impl.startswith("mmfast-") and row.get("error", "out of memory") != "out of memory"
+            log.write(row)
+        del case
         torch.cuda.empty_cache()
-        rows.append({"impl": name, "N": n, "M": m, "D": d, "k": k, **row})
-    sub = q[:2048]
-    (v_tr, i_tr), (v_to, i_to) = (mmfast.topk_similarity(sub, keys, k, backend=b) for b in ("triton", "torch"))
-    agreement = {"queries": 2048, "max_abs_value_diff": float((v_tr - v_to).abs().max()),
-                 "index_match_fraction": float((i_tr == i_to).double().mean())}
-    print(f"agreement triton vs torch: {agreement}", flush=True)
-    machine = {**harness.machine(), "gpu": torch.cuda.get_device_name(0)}
-    payload = {"bench": "topk_similarity", "device": "cuda", "dtype": "bfloat16", "machine": machine,
-               "flops_counted": "2*N*M*D", "agreement": agreement, "rows": rows}
-    harness.report("similarity-gpu", payload, [
-        ("impl", "impl", ""), ("N", "N", "d"), ("M", "M", "d"), ("median s", "median_s", ".4f"),
-        ("TFLOP/s", "tflops", ".0f"), ("extra MB", "extra_peak_mb", ".0f"), ("error", "error", ""),
-    ], args.out)
-    return 0
+    if family == "topk" and not compiled and budget.left() > DEFAULT_RESERVE_S:
+        topk_agreement(log)
+    return failed
+
+
+def machine_row() -> dict:
+    import triton
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    times = harness.cuda_time(lambda: a @ a, 10)
+    props = torch.cuda.get_device_properties(0)
+    return {"kind": "machine", **harness.machine(), "gpu": props.name, "sms": props.multi_processor_count,
+            "gpu_memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "bf16_matmul_peak_tflops": 2 * 8192**3 / statistics.median(times) / 1e12}
+
+
+# ---- the report: ratios within a run ----------------------------------------------------------
+
+def report(log: harness.RowLog) -> Path:
+    """Prints each family's rows as a table, with each row's time relative to the floor, the
+    reference backend and the best peer of the same case, and writes them as one JSON beside the
+    JSONL file."""
+    rows = log.rows()
+    machine = next((r for r in rows if r.get("kind") == "machine"), {})
+    results = [r for r in rows if "impl" in r]
+    peer_names = {"open_clip", "inf_cl", "liger", "cce", "torch_chunked", COMPILED}
+    for row in results:
+        same = [r for r in results if r["family"] == row["family"] and _sizes(r) == _sizes(row) and "median_s" in r]
+        by_impl = {r["impl"]: r["median_s"] for r in same}
+        if "median_s" not in row:
+            continue
+        for base in ("floor", "mmfast-reference"):
+            if base in by_impl:
+                row[f"x_{base}"] = row["median_s"] / by_impl[base]
+        peer_times = [t for name, t in by_impl.items() if name in peer_names]
+        if peer_times:
+            row["x_best_peer"] = row["median_s"] / min(peer_times)
+        if "bf16_matmul_peak_tflops" in machine and "tflops" in row:
+            row["of_peak"] = row["tflops"] / machine["bf16_matmul_peak_tflops"]
+    columns = [("family", "family", ""), ("impl", "impl", ""), ("sizes", "sizes", ""), ("median s", "median_s", ".4f"),
+               ("TFLOP/s", "tflops", ".0f"), ("GB/s", "gbps", ".0f"), ("extra MiB", "extra_mib", ".0f"),
+               ("/floor", "x_floor", ".2f"), ("/reference", "x_mmfast-reference", ".2f"),
+               ("/best peer", "x_best_peer", ".2f"), ("note", "note", "")]
+    for row in results:
+        row["sizes"] = " ".join(f"{k}={v}" for k, v in _sizes(row).items())
+        if "extra_peak_bytes" in row:
+            row["extra_mib"] = row["extra_peak_bytes"] / 2**20
+        row["note"] = row.get("error") or row.get("skipped") or ""
+    if machine:
+        print({k: machine[k] for k in ("gpu", "torch", "triton", "bf16_matmul_peak_tflops") if k in machine})
+    print(harness.table(results, columns))
+    for row in rows:
+        if row.get("kind") == "agreement":
+            print(f"top-k agreement, triton vs torch: {row}")
+    out = log.path.with_suffix(".json")
+    out.write_text(json.dumps({"bench": "gpu_check", "device": "cuda", "dtype": "bfloat16", "machine": machine,
+                               "rows": results, "other": [r for r in rows if "impl" not in r and r is not machine]},
+                              indent=2))
+    print(f"\nwritten {out}")
+    return out
+
+
+def _sizes(row: dict) -> dict:
+    return {k: row[k] for k in ("shape", "T", "V", "N", "M", "D", "Dh", "k") if k in row}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N ∈ {8192, 65536}, D = 512, 3 repeats")
-    parser.add_argument("--topk", action="store_true", help="benchmark topk_similarity (bf16, 10^5 × 10^6)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("what", choices=["machine", "report", "compiled", "clip", "siglip", "infonce",
+                                         "cross_entropy", "linear_cross_entropy", "similarity", "topk"])
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds, from the process's start")
+    parser.add_argument("--jsonl", default=None)
     args = parser.parse_args(argv)
-    if args.topk:
-        return topk_main(args)
-    sizes = [(8192, 512), (65536, 512)] if args.quick else [
-        (n, d) for d in (512, 1024) for n in (8192, 32768, 65536, 131072)]
-    repeats = 3 if args.quick else 5
-    peak = matmul_peak()
-    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
-    rows = []
-    for n, d in sizes:
-        results = {}
-        for name, fn in loss_fns().items():
-            print(f"  N={n} D={d} {name} ...", file=sys.stderr, flush=True)
-            results[name] = run_case(fn, n, d, repeats)
-        for name, r in results.items():
-            row = {"impl": name, "N": n, "D": d, **r}
-            if "median_s" in r:
-                row["tflops"] = 8 * n * n * d / r["median_s"] / 1e12
-                row["of_peak"] = row["tflops"] / peak
-                row["extra_peak_mb"] = r["extra_peak_bytes"] / 2**20
-                for base in ("open_clip", "inf_cl"):
-                    if "median_s" in results.get(base, {}):
-                        row[f"speedup_vs_{base}"] = results[base]["median_s"] / r["median_s"]
-                if results.get("open_clip", {}).get("extra_peak_bytes"):
-                    row["mem_vs_open_clip"] = r["extra_peak_bytes"] / results["open_clip"]["extra_peak_bytes"]
-            rows.append(row)
-    machine = {**harness.machine(), "gpu": torch.cuda.get_device_name(0), "bf16_matmul_peak_tflops": peak}
-    payload = {"bench": "clip_loss fwd+bwd", "device": "cuda", "dtype": "bfloat16", "machine": machine,
-               "flops_counted": "8*N*N*D", "rows": rows}
-    harness.report("contrastive-gpu", payload, [
-        ("impl", "impl", ""), ("N", "N", "d"), ("D", "D", "d"), ("median s", "median_s", ".4f"),
-        ("TFLOP/s", "tflops", ".0f"), ("of peak", "of_peak", ".2f"), ("extra MB", "extra_peak_mb", ".0f"),
-        ("x open_clip", "speedup_vs_open_clip", ".2f"), ("x inf_cl", "speedup_vs_inf_cl", ".2f"),
-        ("mem/open_clip", "mem_vs_open_clip", ".3f"), ("error", "error", ""),
-    ], args.out)
-    return 0
+    default = Path(os.environ.get("OUT") or harness.RESULTS) / "gpu-bench.jsonl"
+    log = harness.RowLog(args.jsonl or default)
+    if args.what == "report":
+        report(log)
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU")
+    if args.what == "machine":
+        row = machine_row()
+        print(row)
+        log.write(row)
+        return 0
+    budget = harness.Budget(args.budget)
+    if args.what == "compiled":
+        return 1 if sum(run_family(family, budget, log, compiled=True) for family in COMPILED_ORDER) else 0
+    return 1 if run_family(args.what, budget, log) else 0
 
 
 if __name__ == "__main__":

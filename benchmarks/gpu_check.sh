@@ -1,37 +1,85 @@
 #!/usr/bin/env bash
-# The GPU check, for a bare machine with one CUDA GPU and torch + Triton preinstalled (no network).
-# Installs mmfast (pure Python: the GPU backend is Triton; mmfast._C is the CPU one), runs the gpu
-# test tier, then the GPU benchmark; its JSON goes to $OUT if set, else benchmarks/results/.
-# Peers' wheels (open-clip-torch, inf-cl, liger-kernel, cut-cross-entropy) may lie in .whl/ beside
-# the checkout (git-ignored).
+# The GPU check: one prepared script for a bare machine with one CUDA GPU, torch and Triton
+# preinstalled and no network. It runs the gpu test tier (tests/test_gpu.py, and
+# tests/test_triton_hardening.py on the device), then benchmarks every op family (bench-*) with
+# every backend that runs on CUDA and every installed peer (benchmarks/bench_gpu.py), torch.compile
+# last (bench-compiled: its compiles take tens of seconds each).
 #
-#   bash benchmarks/gpu_check.sh [--quick]      # --quick: fewer sizes, for a rerun
+# Time: each step runs under its own timeout, and the timeouts add up to at most 480 s (a device
+# call may run 600 s). A benchmark step also stops starting cases when its budget (its timeout
+# less 5 s) runs out, and appends each row to the run's JSONL file as soon as it is measured, so a
+# step that times out loses only its unfinished case. The last step turns the rows into tables and
+# one JSON. Results go to $OUT if set, else benchmarks/results/: gpu-check-STAMP.jsonl (rows),
+# gpu-check-STAMP.json (the report) and gpu-tests-STAMP.log.
+#
+# mmfast runs from the checkout (PYTHONPATH; the GPU backend is Triton, mmfast._C is the CPU one).
+# Peers' wheels (open-clip-torch, inf-cl, liger-kernel, cut-cross-entropy) may lie in .whl/ beside
+# the checkout (git-ignored); they are installed into /tmp/mmfast-peers.
+#
+#   bash benchmarks/gpu_check.sh             # run it
+#   bash benchmarks/gpu_check.sh --dry-run   # print the plan (steps, timeouts, total) and exit
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+dry_run=0
+case "${1:-}" in
+  --dry-run) dry_run=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+
+results="${OUT:-$PWD/benchmarks/results}"
+stamp="$(date +%Y%m%d-%H%M%S)"
+jsonl="$results/gpu-check-$stamp.jsonl"
 export PYTHONUNBUFFERED=1
-quick=()
-[ "${1:-}" = "--quick" ] && quick=(--quick)
+export PYTHONPATH="/tmp/mmfast-peers:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mmfast-peers .whl/*.whl \
-    && export PYTHONPATH="/tmp/mmfast-peers${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if ! MMFAST_BUILD_EXT=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-  echo "pip install failed; using the checkout on PYTHONPATH"
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 -m mmfast info
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+names=() timeouts=() commands=()
+step() {  # step NAME TIMEOUT_S COMMAND
+  names+=("$1") timeouts+=("$2") commands+=("$3")
+}
+bench() {  # bench FAMILY TIMEOUT_S: the benchmark stops starting cases 5 s before its timeout
+  step "bench-$1" "$2" "python3 benchmarks/bench_gpu.py $1 --budget $(($2 - 5)) --jsonl '$jsonl'"
+}
 
-timeout 180 python3 -m pytest -q -ra -m gpu tests/test_gpu.py
-tests_rc=$?
-timeout 200 python3 benchmarks/bench_gpu.py "${quick[@]}" ${OUT:+--out "$OUT"}
-bench_rc=$?
-timeout 120 python3 benchmarks/bench_gpu_cross_entropy.py "${quick[@]}" ${OUT:+--out "$OUT"}
-mlm_rc=$?
-# topk_similarity, bf16, 10^5 queries × 10^6 keys (--quick: 2·10^4 × 2·10^5)
-timeout 150 python3 benchmarks/bench_gpu.py --topk "${quick[@]}" ${OUT:+--out "$OUT"}
-topk_rc=$?
-echo "gpu tests exit $tests_rc, contrastive benchmark exit $bench_rc, masked-LM benchmark exit $mlm_rc," \
-     "top-k benchmark exit $topk_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 || mlm_rc != 0 || topk_rc != 0 ))
+step setup 15 "if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mmfast-peers .whl/*.whl; fi"
+step machine 20 "python3 -m mmfast info; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; python3 benchmarks/bench_gpu.py machine --jsonl '$jsonl'"
+step tests 165 "python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu.py tests/test_triton_hardening.py 2>&1 | tee '$results/gpu-tests-$stamp.log'; exit \${PIPESTATUS[0]}"
+bench clip 40
+bench siglip 20
+bench infonce 25
+bench cross_entropy 20
+bench linear_cross_entropy 40
+bench similarity 15
+bench topk 30
+bench compiled 70
+step report 10 "python3 benchmarks/bench_gpu.py report --jsonl '$jsonl'"
+
+total=0
+for t in "${timeouts[@]}"; do total=$((total + t)); done
+
+if [ "$dry_run" = 1 ]; then
+  for i in "${!names[@]}"; do
+    printf 'step %-22s timeout %4d s   %s\n' "${names[$i]}" "${timeouts[$i]}" "${commands[$i]}"
+  done
+  printf 'total %d s (at most 480 s; a device call may run 600 s)\n' "$total"
+  exit 0
+fi
+
+mkdir -p "$results"
+failed=()
+start=$SECONDS
+for i in "${!names[@]}"; do
+  echo "=== ${names[$i]} (timeout ${timeouts[$i]} s, $((SECONDS - start)) s elapsed)"
+  t0=$SECONDS
+  timeout --kill-after=3 "${timeouts[$i]}" bash -c "${commands[$i]}"
+  rc=$?
+  echo "=== ${names[$i]}: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "=== ${names[$i]} timed out: rows measured so far are in $jsonl"
+  [ "$rc" = 0 ] || failed+=("${names[$i]}:$rc")
+done
+echo "gpu check: $((SECONDS - start)) s; results in $results (gpu-check-$stamp.*, gpu-tests-$stamp.log)"
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed steps: ${failed[*]}"
+  exit 1
+fi

@@ -135,3 +135,87 @@ def deterministic_backend(impl: str) -> str:
         torch.use_deterministic_algorithms(True)
         return impl[: -len("_deterministic")]
     return impl
+
+
+# ---- GPU timing (benchmarks/bench_gpu*.py) ---------------------------------------------------
+
+def cuda_time(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, by CUDA events (the caller has warmed it up)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def gpu_measure(step, leaves, repeats: int) -> dict:
+    """Median CUDA time of step() over `repeats` calls and their peak memory beyond what existed
+    before them. One warm-up call first (it autotunes and compiles: Triton's autotuner allocates a
+    256 MB cache-flush buffer, which is not the op's memory), then the leaves' gradients are dropped
+    and the peak is reset. An exception (out of memory, a peer's failure) is recorded instead, so
+    one implementation cannot end the run."""
+    try:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        warmup = time.perf_counter() - t0
+        for leaf in leaves:
+            leaf.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = cuda_time(step, repeats)
+        result = {"times_s": times, "median_s": statistics.median(times), "warmup_s": warmup,
+                  "extra_peak_bytes": torch.cuda.max_memory_allocated() - base}
+    except Exception as exc:
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        result = {"error": "out of memory" if oom else f"{type(exc).__name__}: {str(exc)[:300]}"}
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.empty_cache()
+    return result
+
+
+class RowLog:
+    """Appends result rows to a JSONL file as each is measured (flushed and synced: a run that is
+    killed keeps every finished row)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Budget:
+    """Seconds left of a step's time budget, counted from the process's start."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() - (time.time() - _process_start()) + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _process_start() -> float:
+    """The wall-clock time this process started (Linux: /proc/self/stat), else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return time.time()

@@ -19,13 +19,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mmfast import _triton
 from mmfast.contrastive import triton_kernels as tk
 from mmfast.cross_entropy import triton_kernels as ce
 from mmfast.similarity import triton_kernels as sim
 
 COMMON = {"a_ptr": "*{dt}", "b_ptr": "*{dt}", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "pos_ptr": "*i64"}
 STATS = {**COMMON, "row_max_ptr": "*fp32", "row_sum_ptr": "*fp64", "col_max_ptr": "*fp32", "col_sum_ptr": "*fp64",
-         "N": "i32", "M": "i32", "D": "i32"}
+         "N": "i32", "M": "i32", "D": "i32", "SPLIT": "i32"}
 GRAD = {**COMMON, "row_ptr": "*fp64", "col_ptr": "*fp64", "wr_ptr": "*fp32", "wc_ptr": "*fp32", "da_ptr": "*fp32",
         "db_ptr": "*fp32", "sums_ptr": "*fp64", "N": "i32", "M": "i32", "D": "i32"}
 CE_FWD = {"x_ptr": "*{dt}", "y_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp64", "V": "i32", "eps": "fp32",
@@ -36,6 +37,7 @@ LCE_COMMON = {"h_ptr": "*{dt}", "w_ptr": "*{dt}", "b_ptr": "*{dt}", "y_ptr": "*i
               "kept_ptr": "*i64"}
 LCE_FWD = {**LCE_COMMON, "mx_ptr": "*fp32", "sum_ptr": "*fp64", "xy_ptr": "*fp32", "xsum_ptr": "*fp64", "T": "i32",
            "V": "i32", "D": "i32", "SPLIT_V": "i32"}
+MERGE = {"max_ptr": "*fp32", "sum_ptr": "*fp64", "out_ptr": "*fp64", "PARTS": "i32", "L": "i32"}
 SIM = {"a_ptr": "*{dt}", "b_ptr": "*{dt}", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "out_ptr": "*{dt}",
        "N": "i32", "M": "i32", "D": "i32"}
 TOPK = {"q_ptr": "*{dt}", "k_ptr": "*{dt}", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "key_out_ptr": "*i32",
@@ -86,10 +88,14 @@ def main(argv=None) -> int:
             constexprs = {**flags, "SIGMOID": sigmoid, "WITH_COLS": not sigmoid, "HAS_POS": sigmoid,
                           "BLOCK_M": tk._STATS_BLOCK_M}
             print(f"stats sigmoid={sigmoid} {config}: {ptxas_report(tk._stats_kernel, sig(STATS), constexprs, config, args.arch)}")
-        for config in tk._GRAD_CONFIGS:
-            constexprs = {**flags, "SIGMOID": sigmoid, "WITH_COLS": not sigmoid, "HAS_POS": sigmoid,
-                          "NEED_A": True, "NEED_B": True}
-            print(f"grad  sigmoid={sigmoid} {config}: {ptxas_report(tk._grad_kernel, sig(GRAD), constexprs, config, args.arch)}")
+        for columns in (False, True):  # the row sweep (dB by atomics), the deterministic column sweep
+            for config in tk._GRAD_CONFIGS:
+                constexprs = {**flags, "SIGMOID": sigmoid, "WITH_COLS": not sigmoid, "HAS_POS": sigmoid,
+                              "NEED_A": not columns, "NEED_B": True, "COLUMNS": columns}
+                report = ptxas_report(tk._grad_kernel, sig(GRAD), constexprs, config, args.arch)
+                print(f"grad  sigmoid={sigmoid} columns={columns} {config}: {report}")
+    merge_config = triton.Config({"BLOCK": _triton._MERGE_BLOCK})
+    print(f"lse merge {merge_config}: {ptxas_report(_triton._lse_merge_kernel, MERGE, {}, merge_config, args.arch)}")
     rows = dict(ce._ROW_LAUNCH)
     row_config = triton.Config({"BLOCK_V": rows.pop("BLOCK_V")}, **rows)
     print(f"cross_entropy fwd {row_config}: {ptxas_report(ce._ce_fwd_kernel, sig(CE_FWD), {}, row_config, args.arch)}")

@@ -1,5 +1,9 @@
 """The gpu tier (pytest -m gpu): every backend that runs on CUDA against the float64 reference at
-medium sizes, and the memory bound on the device. Skipped without a CUDA GPU."""
+medium sizes, and the memory bound on the device. Skipped without a CUDA GPU.
+
+The memory bounds come from named formulas (clip_loss_memory, linear_cross_entropy_memory: bytes
+by phase of forward + backward, as in docs/architecture.md), which tests/test_triton_hardening.py
+also checks against the allocations the same calls make on CPU under the Triton interpreter."""
 from __future__ import annotations
 
 import pytest
@@ -31,14 +35,86 @@ def _check(ours, ref, tensors, dtype, eager=None):
         assert rel_err(o.cpu(), r, floor=1.0) <= tol
 
 
-def cuda_peak_growth(fn) -> int:
-    """Bytes of GPU memory fn() allocates at its peak beyond what was allocated before."""
+def cuda_peak_growth(fn, leaves) -> int:
+    """Bytes of GPU memory fn() allocates at its peak beyond what was allocated before. A first call
+    warms up (autotuning allocates Triton's 256 MB cache-flush buffer), then the leaves' gradients
+    are dropped, so the measured call allocates them anew."""
+    fn()
+    for leaf in leaves:
+        leaf.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def peak(phases: dict[str, dict[str, int]]) -> int:
+    """The largest phase: the sum of what is allocated at once within it."""
+    return max(sum(terms.values()) for terms in phases.values())
+
+
+def vectors(rows: int) -> int:
+    """O(rows) tensors alive at once (statistics, their gradients and fp32 copies, per-row losses,
+    targets, a sort's scratch): at most 8 of 8 bytes per row."""
+    return 64 * rows
+
+
+def clip_loss_memory(n: int, d: int, itemsize: int, rows: int, splits: int) -> dict[str, dict[str, int]]:
+    """Bytes beyond the inputs that clip_loss(a, b, s, backend="triton") and its backward allocate,
+    by phase (N = M rows of D features of `itemsize` bytes; rows × splits: the stats grid). The
+    composition (mmfast/contrastive/api.py) forms Z_ii = s·Σ_d A_id·B_id from fp32 copies of bf16/fp16
+    inputs, which autograd keeps for its backward."""
+    m, cast = n, itemsize != 4
+    f32 = 4 * (n + m) * d  # A and B (or their gradients) in fp32
+    return {
+        "forward, stats kernel": {
+            "column partials (max fp32, sum fp64), one row per row program": 12 * rows * m,
+            "row partials, one row per column split": 12 * splits * n,
+            "vectors": vectors(n + m)},
+        "forward, composition": {
+            "A, B in fp32 (saved for Z_ii's backward)": f32 if cast else 0,
+            "A∘B in fp32": 4 * n * d,
+            "vectors": vectors(n + m)},
+        "backward, composition": {
+            "A, B in fp32 (saved)": f32 if cast else 0,
+            "gradients of A∘B's two factors, fp32": f32,
+            "vectors": vectors(n + m)},
+        "backward, grad pass": {
+            "the composition's gradients in the input dtype, held for accumulation": itemsize * (n + m) * d,
+            "dA, dB fp32 accumulators": f32,
+            "dA in the input dtype, while dB's accumulator lives": itemsize * n * d if cast else 0,
+            "ds, db: one fp64 pair per row-sweep program (row blocks of 32 or more)": 16 * -(-n // 32),
+            "vectors": vectors(n + m)},
+    }
+
+
+def linear_cross_entropy_memory(t: int, v: int, d: int, itemsize: int, splits: int) -> dict[str, dict[str, int]]:
+    """Bytes beyond the inputs that linear_cross_entropy(h, w, y, backend="triton") and its backward
+    allocate, by phase (T rows of h, V of w, Dh = d, no bias; splits: the forward's vocabulary
+    splits). The gradients are accumulated in fp32 and cast to the input dtype at the end, dH first."""
+    cast = itemsize != 4
+    return {
+        "forward": {
+            "partials per vocabulary split (max fp32, sum fp64, x_y fp32, Σx fp64)": 24 * splits * t,
+            "vectors": vectors(t)},
+        "backward, dH cast": {
+            "dH fp32": 4 * t * d, "dW fp32": 4 * v * d, "dH in the input dtype": itemsize * t * d if cast else 0,
+            "vectors": vectors(t)},
+        "backward, dW cast": {
+            "dH in the input dtype": itemsize * t * d if cast else 4 * t * d, "dW fp32": 4 * v * d,
+            "dW in the input dtype": itemsize * v * d if cast else 0, "vectors": vectors(t)},
+    }
+
+
+def assert_within(extra: int, phases: dict[str, dict[str, int]], forbidden: int, what: str) -> None:
+    """extra ≤ the formula's peak (+2% and 4 MiB: the allocator rounds each block to 512 B), and the
+    formula itself far below the forbidden buffer's size, so the check still proves it is absent."""
+    bound = peak(phases)
+    assert bound < forbidden / 2, f"the formula ({bound / 2**20:.0f} MiB) cannot tell a {what} apart"
+    detail = {phase: f"{sum(terms.values()) / 2**20:.1f} MiB" for phase, terms in phases.items()}
+    assert extra <= 1.02 * bound + 2**22, f"{extra / 2**20:.1f} MiB extra > the formula's {detail}"
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -68,12 +144,15 @@ def test_infonce_and_siglip_cuda(backend):
 
 
 def test_triton_memory_has_no_nxn_buffer():
+    from mmfast.contrastive.triton_kernels import stats_grid
+
     n, d = 32768, 512
     a = features(n, d, torch.bfloat16).cuda().requires_grad_()
     b = features(n, d, torch.bfloat16).cuda().requires_grad_()
     s = torch.tensor(100.0, device="cuda", requires_grad=True)
-    extra = cuda_peak_growth(lambda: mmfast.clip_loss(a, b, s, backend="triton").backward())
-    assert extra < n * n * 2 / 50, f"{extra / 2**20:.0f} MiB extra, an N×N bf16 buffer is {n * n * 2 / 2**20:.0f} MiB"
+    extra = cuda_peak_growth(lambda: mmfast.clip_loss(a, b, s, backend="triton").backward(), [a, b, s])
+    rows, splits, _ = stats_grid(n, n, a.device)
+    assert_within(extra, clip_loss_memory(n, d, 2, rows, splits), n * n * 2, "N×N bf16 buffer")
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -114,11 +193,13 @@ def test_linear_cross_entropy_compiles_without_host_sync():
 
 
 def test_triton_linear_cross_entropy_has_no_txv_buffer():
+    from mmfast.cross_entropy import triton_kernels as ce
+
     t, v, d = 8192, 30522, 768
     h = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, d, device="cuda") * d ** -0.5).bfloat16().requires_grad_()
     y = torch.randint(0, v, (t,), device="cuda")
     y[torch.rand(t, device="cuda") >= 0.15] = -100
-    extra = cuda_peak_growth(lambda: mmfast.linear_cross_entropy(h, w, y, backend="triton").backward())
-    # The gradients themselves (dW in fp32 while accumulating: 94 MB; dH: 12.6 MB) and O(T) buffers.
-    assert extra < t * v * 2 / 4, f"{extra / 2**20:.0f} MiB extra, a T×V bf16 buffer is {t * v * 2 / 2**20:.0f} MiB"
+    extra = cuda_peak_growth(lambda: mmfast.linear_cross_entropy(h, w, y, backend="triton").backward(), [h, w])
+    splits = -(-v // ce._LCE_SPLIT_V)
+    assert_within(extra, linear_cross_entropy_memory(t, v, d, 2, splits), t * v * 2, "T×V bf16 buffer")

@@ -88,8 +88,6 @@ def infonce_loss(
     _checks.nonempty("keys", k)
     if negatives is not None:
         negatives = _checks.features("negatives", negatives, q, "query")
-        if negatives.shape[0] == 0:
-            negatives = None
     labels = _labels(labels, q.shape[0], k.shape[0], q.device)
     scale, _, eps = _scale_bias_smoothing(logit_scale, None, label_smoothing, q.device)
     _checks.choice("reduction", reduction, REDUCTIONS)

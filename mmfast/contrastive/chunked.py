@@ -57,6 +57,8 @@ def stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], positives
 
 def _logsumexp64(z: Tensor, dim: int) -> Tensor:
     """logsumexp of fp32 z, returned in fp64 (the max is exact, the sum of exps fp32)."""
+    if z.shape[dim] == 0:  # no terms (an empty negative bank): log 0
+        return z.new_full(z.sum(dim).shape, float("-inf"), dtype=torch.float64)
     top = z.amax(dim, keepdim=True)
     return top.squeeze(dim).double() + torch.exp(z - top).sum(dim).double().log()
 

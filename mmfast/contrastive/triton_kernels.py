@@ -2,22 +2,30 @@
 
 Z = s·A·Bᵀ + b, A: (N, D), B: (M, D), is formed tile by tile in registers and never stored.
 
-stats (one sweep, 2·N·M·D FLOPs): a program owns row blocks (persistently: program p takes row
-  blocks p, p + P, ...) and walks every column tile, merging the rows' (max, sum of exp) online.
-  Column statistics come from the same tiles: each program keeps a running (max, sum) per column
-  in a (P, M) buffer it alone writes, merged over programs afterwards. P ≤ 4 × the SM count, so the
-  buffer is at most 8·P·M bytes (P = 528 on an H100/H200: 4.2 KB per column), whatever N is.
-grad (one sweep, 6·N·M·D FLOPs): a program owns a row block, recomputes each tile of Z, forms G in
-  fp32, adds s·G·B_tile into its own rows of dA (plain read-modify-write: no other program writes
-  them) and s·Gᵀ·A_rows into dB with fp32 atomics; the column tiles are walked from a different
-  start in each program, so the atomics of concurrent programs mostly hit different rows of dB.
-  ds = Σ G∘(A·Bᵀ) and db = Σ G are reduced in the same pass (one atomic per program).
+stats (one sweep, 2·N·M·D FLOPs): a (P row programs × Q column splits) grid. Program (p, q) takes
+  row blocks p, p + P, ... (persistently) against the columns of split q, merging the rows' (max,
+  sum of exp) online; the columns' (max, sum) come from the same tiles. Partials: rows (Q, N),
+  columns (P, M), each slot written by exactly one program, merged afterwards (merge_lse: fp64, no
+  (P, M) temporary). P = min(4·SMs, row blocks) and Q = ⌈4·SMs / P⌉ (fewer if M is narrow), so a
+  small batch of queries against many keys still fills the GPU (N = 4096 on an H200: 32 × 17
+  programs), and the column partials stay at most 4·SMs rows: 12·P·M bytes (528 rows on an H200:
+  6.3 KB per column), the row partials 12·Q·N bytes (Q > 1 only while P·128 ≥ N: at most 1.6 MB).
+grad (6·N·M·D FLOPs): the row sweep, program i owning row block i, recomputes each tile of Z, forms
+  G in fp32, adds s·G·B_tile into its own rows of dA (plain read-modify-write: no other program
+  writes them) and s·Gᵀ·A_rows into dB with fp32 atomics; each program starts its walk over the
+  column tiles at a different tile, so concurrent atomics mostly hit different rows of dB.
+  ds = Σ G∘(A·Bᵀ) and db = Σ G: one fp64 partial per program, summed in a fixed order.
+Determinism: stats is deterministic (every partial slot has one writer and a fixed tile order; the
+  merges run in a fixed order). The atomics make dB's bits depend on timing, so under
+  torch.use_deterministic_algorithms(True) the row sweep leaves dB out and a column sweep (program
+  j owning column block j, walking every row block) writes dB's rows itself: Z is recomputed once
+  more, 8·N·M·D FLOPs backward, 10·N·M·D with the forward (design.md's budget).
 
 Precision: bf16/fp16 tiles go to tensor cores with fp32 accumulation, G is cast to the input dtype
 for its two GEMMs (as PyTorch's own bf16 backward does); fp32 inputs use TF32 only where torch
-would (torch.get_float32_matmulprecision() != "highest"). Tile bases are int64 (N·D and N·M may
-pass 2^31), offsets inside a tile int32. Sums over many tiles (row sums, column partials, ds, db)
-are carried in fp64, as in the CPU kernel.
+would (mmfast._triton.precision). Tile bases are int64 (N·D and N·M may pass 2^31), offsets inside
+a tile int32 (sizes checked by check_sizes). Sums over many tiles (row sums, column partials, ds,
+db) are carried in fp64, as in the CPU kernel.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from mmfast._triton import INTERPRET, mm, on_device, precision, wide
+from mmfast._triton import INTERPRET, check_sizes, downcast, max_programs, merge_lse, mm, on_device, precision, wide
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
@@ -39,21 +47,26 @@ if INTERPRET:
 else:
     # Hopper-sized tiles (128 wide, 3-4 stages, 8 warps) and smaller 4-warp ones for older GPUs.
     # Chosen so that ptxas (sm_90a, Triton 3.9) reports no register spills for bf16 inputs; wider
-    # K/D steps (64) spilled 100s of bytes. Speed on a GPU is still to be measured and tuned.
+    # K/D steps (64) spilled 100s of bytes, and with the column splits' bookkeeping the 64-wide stats
+    # tiles spilled at K steps of 64 (8 warps) and 32 (4 warps). Speed on a GPU is still to be measured.
     # BLOCK_M is the same in every stats config: it fixes the grid, hence which rows of the column
     # partials a run writes, and every config the autotuner tries must overwrite the same rows.
     _STATS_BLOCK_M = 128
     _STATS_CONFIGS = [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
     ]
     _GRAD_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
     ]
+# A column split is whole tiles of every stats config (their BLOCK_N are powers of two).
+_SPLIT_ALIGN = max(config.kwargs["BLOCK_N"] for config in _STATS_CONFIGS)
+# The grad configs' smallest row block sets the most row-sweep programs (one ds/db partial each).
+_GRAD_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _GRAD_CONFIGS)
 
 
 @triton.jit
@@ -99,13 +112,27 @@ def _positives(pos_ptr, row0, N, M, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr
     return tl.full((BLOCK_M,), -2, tl.int64)
 
 
+@triton.jit
+def _hi_lo(stat):
+    """An fp64 statistic as hi + lo fp32 parts, so that z − hi − lo keeps its precision."""
+    hi = stat.to(tl.float32)
+    return hi, (stat - hi.to(tl.float64)).to(tl.float32)
+
+
 @triton.autotune(configs=_STATS_CONFIGS, key=["D"])
 @triton.jit
 def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
-                  N, M, D, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  N, M, D, SPLIT, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_POS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Program (p, q): row blocks p, p + P, … against columns [q·SPLIT, (q + 1)·SPLIT) ∩ [0, M).
+    Writes row partials at [q, rows] of (Q, N) (softmax: max fp32 and sum fp64; sigmoid: the sum of
+    softplus only) and, WITH_COLS, column partials at [p, columns] of (P, M)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
+    split = tl.program_id(1)
+    col_begin = split * SPLIT
+    col_end = col_begin + tl.minimum(SPLIT, M - col_begin)
     s = tl.load(scale_ptr).to(tl.float32)
     b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
     r = tl.arange(0, BLOCK_M)
@@ -116,9 +143,9 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
         pos = _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), tl.float64)
-        for col0 in range(0, M, BLOCK_N):
-            z = s * _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
-            z = z + row_pad[:, None] + _pad(M - col0, BLOCK_N)[None, :]
+        for col0 in range(col_begin, col_end, BLOCK_N):
+            z = s * _unscaled_logits(a_ptr, b_ptr, row0, col0, N, col_end, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) + b
+            z = z + row_pad[:, None] + _pad(col_end - col0, BLOCK_N)[None, :]
             if SIGMOID:
                 # softplus(-t·z) with t = +1 at the row's positive, -1 elsewhere; 0 at z = -inf.
                 z = tl.where((col0 + c)[None, :] == pos[:, None], -z, z)
@@ -134,7 +161,7 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
                     tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
                     tile_sum = tl.sum(tl.exp(z - tile_ref[None, :]), axis=0).to(tl.float64)
                     slot = wide(pid) * M + col0 + c
-                    in_range = c < M - col0
+                    in_range = c < col_end - col0
                     if row_block == pid:  # this program's first row block: its partial starts here
                         tl.store(col_max_ptr + slot, tile_max, mask=in_range)
                         tl.store(col_sum_ptr + slot, tile_sum, mask=in_range)
@@ -147,81 +174,123 @@ def _stats_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_max_ptr, row_s
                         tile_scale = tl.exp(tile_max - mref).to(tl.float64)
                         tl.store(col_sum_ptr + slot, old_sum * old_scale + tile_sum * tile_scale, mask=in_range)
                         tl.store(col_max_ptr + slot, mx, mask=in_range)
-        tl.store(row_max_ptr + row0 + r, row_max, mask=r < N - row0)
-        tl.store(row_sum_ptr + row0 + r, row_sum, mask=r < N - row0)
+        # int32: Q > 1 only where P is the number of row blocks (stats_grid), so Q·N < 2·programs·BLOCK_M
+        row_slot = split * N + row0 + r
+        if not SIGMOID:
+            tl.store(row_max_ptr + row_slot, row_max, mask=r < N - row0)
+        tl.store(row_sum_ptr + row_slot, row_sum, mask=r < N - row0)
+
+
+@triton.jit
+def _gradient(p, s, bias, row0, col0, N, M, pos_ptr, row_ptr, col_ptr, wr_ptr, wc_ptr, SIGMOID: tl.constexpr,
+              WITH_COLS: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G = ∂L/∂Z, (BLOCK_M, BLOCK_N) fp32, of the tile at (row0, col0), from P = A·Bᵀ (0 in the
+    padding); 0 in the padding, where Z is −inf. The rows' and columns' weights and statistics are
+    loaded here, after the tile's GEMM, so that none is live across it (in the MMA layout a vector
+    along a 64-wide tile's columns takes 16 registers per thread)."""
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = r < N - row0
+    wr = tl.load(wr_ptr + row0 + r, mask=row_ok, other=0.0)
+    z = s * p + bias + _pad(N - row0, BLOCK_M)[:, None] + _pad(M - col0, BLOCK_N)[None, :]
+    if SIGMOID:
+        # d softplus(-t·z)/dz = -t·σ(-t·z): σ(z) for negatives, -σ(-z) for the positive.
+        positive = (col0 + c)[None, :] == _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)[:, None]
+        g = wr[:, None] * tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
+    else:
+        r_hi, r_lo = _hi_lo(tl.load(row_ptr + row0 + r, mask=row_ok, other=0.0))
+        g = wr[:, None] * tl.exp(z - r_hi[:, None] - r_lo[:, None])
+        if WITH_COLS:
+            col_ok = c < M - col0
+            c_hi, c_lo = _hi_lo(tl.load(col_ptr + col0 + c, mask=col_ok, other=0.0))
+            wc = tl.load(wc_ptr + col0 + c, mask=col_ok, other=0.0)
+            g += wc[None, :] * tl.exp(z - c_hi[None, :] - c_lo[None, :])
+    return g
+
+
+@triton.jit
+def _accumulate(ptrs, update, mask, ATOMIC: tl.constexpr):
+    """*ptrs += update: fp32 atomics where other programs add to the same entries, else a plain
+    read-modify-write of entries this program alone writes (deterministic). Between one tile's
+    store and the next tile's load of the same entries lies the next tile's GEMM, whose
+    shared-memory staging synchronises the program's threads."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, update, mask=mask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
 
 
 @triton.autotune(configs=_GRAD_CONFIGS, key=["D"], reset_to_zero=["da_ptr", "db_ptr", "sums_ptr"])
 @triton.jit
 def _grad_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, pos_ptr, row_ptr, col_ptr, wr_ptr, wc_ptr, da_ptr, db_ptr,
                  sums_ptr, N, M, D, SIGMOID: tl.constexpr, WITH_COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_POS: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HAS_POS: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, COLUMNS: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """COLUMNS=False, the row sweep: program i owns row block i and walks every column block; dA
+    (NEED_A) by read-modify-write, dB (NEED_B) by fp32 atomics, its ds and db partials into
+    sums[i, 0:2]. COLUMNS=True, the column sweep: program j owns column block j and walks every row
+    block; dB (NEED_B; NEED_A must be False) by read-modify-write: no atomics anywhere."""
     pid = tl.program_id(0)
     s = tl.load(scale_ptr).to(tl.float32)
-    b = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
-    row0 = pid * BLOCK_M
+    bias = tl.load(bias_ptr).to(tl.float32) if HAS_BIAS else 0.0
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
-    row_ok = r < N - row0
-    row_pad = _pad(N - row0, BLOCK_M)
-    wr = tl.load(wr_ptr + row0 + r, mask=row_ok, other=0.0)
-    pos = _positives(pos_ptr, row0, N, M, HAS_POS, BLOCK_M)
-    # The fp64 row statistic as hi + lo fp32 parts, so z - hi - lo keeps its precision (unused by sigmoid).
-    row_stat = tl.load(row_ptr + row0 + r, mask=row_ok, other=0.0)
-    r_hi = row_stat.to(tl.float32)
-    r_lo = (row_stat - r_hi.to(tl.float64)).to(tl.float32)
-    a_rows = a_ptr + wide(row0) * D
-    da_rows = da_ptr + wide(row0) * D
-    scale_grad = tl.zeros((BLOCK_M,), tl.float64)
-    bias_grad = tl.zeros((BLOCK_M,), tl.float64)
-    col_blocks = tl.cdiv(M, BLOCK_N)
-    for step in range(0, col_blocks):
-        col0 = (step + pid) % col_blocks * BLOCK_N
-        col_ok = c < M - col0
-        p = _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        z = s * p + b + row_pad[:, None] + _pad(M - col0, BLOCK_N)[None, :]  # p is 0 in the padding: so is G·p
-        if SIGMOID:
-            # d softplus(-t·z)/dz = -t·σ(-t·z): σ(z) for negatives, -σ(-z) for the positive.
-            positive = (col0 + c)[None, :] == pos[:, None]
-            g = wr[:, None] * tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
+    if COLUMNS:
+        col0 = pid * BLOCK_N
+        blocks = tl.cdiv(N, BLOCK_M)
+    else:
+        row0 = pid * BLOCK_M
+        blocks = tl.cdiv(M, BLOCK_N)
+        scale_grad = tl.zeros((BLOCK_M,), tl.float64)
+        bias_grad = tl.zeros((BLOCK_M,), tl.float64)
+    for step in range(0, blocks):
+        block = (step + pid) % blocks  # a different start per program: concurrent atomics spread over dB
+        if COLUMNS:
+            row0 = block * BLOCK_M
         else:
-            g = wr[:, None] * tl.exp(z - r_hi[:, None] - r_lo[:, None])
-            if WITH_COLS:
-                col_stat = tl.load(col_ptr + col0 + c, mask=col_ok, other=0.0)
-                c_hi = col_stat.to(tl.float32)
-                c_lo = (col_stat - c_hi.to(tl.float64)).to(tl.float32)
-                wc = tl.load(wc_ptr + col0 + c, mask=col_ok, other=0.0)
-                g += wc[None, :] * tl.exp(z - c_hi[None, :] - c_lo[None, :])
-        scale_grad += tl.sum(g * p, axis=1).to(tl.float64)
-        bias_grad += tl.sum(g, axis=1).to(tl.float64)
-        g_in = g.to(a_ptr.dtype.element_ty)
+            col0 = block * BLOCK_N
+        p = _unscaled_logits(a_ptr, b_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        g = _gradient(p, s, bias, row0, col0, N, M, pos_ptr, row_ptr, col_ptr, wr_ptr, wc_ptr, SIGMOID, WITH_COLS,
+                      HAS_POS, BLOCK_M, BLOCK_N)
+        if not COLUMNS:
+            scale_grad += tl.sum(g * p, axis=1).to(tl.float64)
+            bias_grad += tl.sum(g, axis=1).to(tl.float64)
+        g_in = downcast(g, a_ptr.dtype.element_ty)
+        row_ok = r < N - row0
+        col_ok = c < M - col0
+        a_rows = a_ptr + wide(row0) * D
         b_rows = b_ptr + wide(col0) * D
-        db_rows = db_ptr + wide(col0) * D
         for d0 in range(0, D, BLOCK_D):
             k = d0 + tl.arange(0, BLOCK_D)
+            k_ok = k < D
             if NEED_A:
-                keys = tl.load(b_rows + c[:, None] * D + k[None, :], mask=col_ok[:, None] & (k[None, :] < D), other=0.0)
-                da_mask = row_ok[:, None] & (k[None, :] < D)
-                da = tl.load(da_rows + r[:, None] * D + k[None, :], mask=da_mask, other=0.0)
-                tl.store(da_rows + r[:, None] * D + k[None, :], da + s * mm(g_in, keys, PRECISION), mask=da_mask)
+                keys = tl.load(b_rows + c[:, None] * D + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                _accumulate(da_ptr + wide(row0) * D + r[:, None] * D + k[None, :], s * mm(g_in, keys, PRECISION),
+                            row_ok[:, None] & k_ok[None, :], False)
             if NEED_B:
-                queries = tl.load(a_rows + r[:, None] * D + k[None, :], mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
-                update = s * mm(tl.trans(g_in), queries, PRECISION)
-                tl.atomic_add(db_rows + c[:, None] * D + k[None, :], update, mask=col_ok[:, None] & (k[None, :] < D))
-    tl.atomic_add(sums_ptr, tl.sum(scale_grad, axis=0))
-    tl.atomic_add(sums_ptr + 1, tl.sum(bias_grad, axis=0))
-
-
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreter: two programs already exercise the persistent loop and the merge
+                queries = tl.load(a_rows + r[:, None] * D + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                _accumulate(db_ptr + wide(col0) * D + c[:, None] * D + k[None, :],
+                            s * mm(tl.trans(g_in), queries, PRECISION), col_ok[:, None] & k_ok[None, :], not COLUMNS)
+    if not COLUMNS:
+        tl.store(sums_ptr + 2 * pid, tl.sum(scale_grad, axis=0))
+        tl.store(sums_ptr + 2 * pid + 1, tl.sum(bias_grad, axis=0))
 
 
 def _scalar_args(scale: Tensor, bias: Optional[Tensor]):
     scale = scale.reshape(()).float()
     return scale, (bias.reshape(()).float() if bias is not None else scale)
+
+
+def stats_grid(n: int, m: int, device: torch.device) -> tuple[int, int, int]:
+    """(row programs P, column splits Q, split width) of the stats kernel (see the module docstring).
+    An empty side gives an empty grid: the merges then give −inf (softmax) or 0 (sigmoid) per row
+    and −inf per column, the statistics over no terms."""
+    programs = max_programs(device, interpreted=4)
+    rows = min(programs, triton.cdiv(n, _STATS_BLOCK_M))
+    splits = max(1, min(triton.cdiv(programs, max(rows, 1)), triton.cdiv(m, _SPLIT_ALIGN)))
+    width = max(1, triton.cdiv(triton.cdiv(m, splits), _SPLIT_ALIGN)) * _SPLIT_ALIGN
+    return rows, triton.cdiv(m, width), width
 
 
 @triton_op("mmfast::triton_contrastive_stats", mutates_args=())
@@ -230,28 +299,25 @@ def triton_contrastive_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional
     """a: (N, D), b: (M, D) → row (N,), col (M,) or (0,), fp64 (see contrastive_cpu.h)."""
     a, b = a.contiguous(), b.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    check_sizes("contrastive stats", d, N=n, M=m)
     with_cols = with_cols and not sigmoid
     s, bias_arg = _scalar_args(scale, bias)
     has_pos = sigmoid and positives is not None
-    row_max = a.new_empty(n, dtype=torch.float32)
-    row_sum = a.new_empty(n, dtype=torch.float64)
-    programs = min(_max_programs(a.device), triton.cdiv(n, _STATS_BLOCK_M))
-    # Column partials (max, sum), one row per program; each program writes all of its row.
-    col_max = a.new_empty((programs if with_cols else 1, m), dtype=torch.float32)
-    col_sum = a.new_empty((programs if with_cols else 1, m), dtype=torch.float64)
+    rows, splits, width = stats_grid(n, m, a.device)
+    row_max = a.new_empty((1,) if sigmoid else (splits, n), dtype=torch.float32)
+    row_sum = a.new_empty((splits, n), dtype=torch.float64)
+    col_max = a.new_empty((rows, m) if with_cols else (1,), dtype=torch.float32)
+    col_sum = a.new_empty((rows, m) if with_cols else (1,), dtype=torch.float64)
     with on_device(a):
-        wrap_triton(_stats_kernel)[(programs,)](
-            a, b, s, bias_arg, positives.contiguous() if has_pos else row_max, row_max, row_sum, col_max, col_sum,
-            n, m, d, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+        wrap_triton(_stats_kernel)[(rows, splits)](
+            a, b, s, bias_arg, positives.contiguous() if has_pos else row_sum, row_max, row_sum, col_max, col_sum,
+            n, m, d, width, SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
             PRECISION=precision(a.dtype), BLOCK_M=_STATS_BLOCK_M,
         )
+    empty = a.new_empty(0, dtype=torch.float64)
     if sigmoid:
-        return row_sum, a.new_empty(0, dtype=torch.float64)
-    row = row_max.double() + row_sum.log()
-    if not with_cols:
-        return row, a.new_empty(0, dtype=torch.float64)
-    top = col_max.max(0).values
-    return row, top.double() + (col_sum * torch.exp(col_max - top).double()).sum(0).log()
+        return row_sum.sum(0), empty
+    return merge_lse(row_max, row_sum), merge_lse(col_max, col_sum) if with_cols else empty
 
 
 @triton_op("mmfast::triton_contrastive_grad", mutates_args=())
@@ -261,25 +327,35 @@ def triton_contrastive_grad(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[
     """→ (da (N, D) or (0,), db (M, D) or (0,), dscale [], dbias []) (see contrastive_cpu.h)."""
     a, b = a.contiguous(), b.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    check_sizes("contrastive grad", d, N=n, M=m)
     with_cols = not sigmoid and col.numel() > 0
     has_pos = sigmoid and positives is not None
     s, bias_arg = _scalar_args(scale, bias)
     da = torch.zeros((n, d) if need_a else (1,), dtype=torch.float32, device=a.device)
     db = torch.zeros((m, d) if need_b else (1,), dtype=torch.float32, device=a.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=a.device)
+    sums = torch.zeros((triton.cdiv(n, _GRAD_MIN_BLOCK_M), 2), dtype=torch.float64, device=a.device)
+    columns_sweep = need_b and torch.are_deterministic_algorithms_enabled()
     row64 = row.double().contiguous()
+    inputs = (a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
+              col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
+              grad_col.float().contiguous() if with_cols else row64)
+    flags = dict(SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
+                 PRECISION=precision(a.dtype))
 
-    def grid(meta):
+    def row_grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
+    def col_grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_N"]),)
+
     with on_device(a):
-        wrap_triton(_grad_kernel)[grid](
-            a, b, s, bias_arg, positives.contiguous() if has_pos else row64, row64,
-            col.double().contiguous() if with_cols else row64, grad_row.float().contiguous(),
-            grad_col.float().contiguous() if with_cols else row64, da, db, sums, n, m, d,
-            SIGMOID=sigmoid, WITH_COLS=with_cols, HAS_BIAS=bias is not None, HAS_POS=has_pos,
-            NEED_A=need_a, NEED_B=need_b, PRECISION=precision(a.dtype),
-        )
+        wrap_triton(_grad_kernel)[row_grid](*inputs, da, db, sums, n, m, d, NEED_A=need_a,
+                                            NEED_B=need_b and not columns_sweep, COLUMNS=False, **flags)
+        if columns_sweep:
+            # Scratch in place of da and sums, which the autotuner would zero if it tuned this launch.
+            wrap_triton(_grad_kernel)[col_grid](*inputs, torch.zeros_like(da[:1]), db, torch.zeros_like(sums[:1]),
+                                                n, m, d, NEED_A=False, NEED_B=True, COLUMNS=True, **flags)
     da = da.to(a.dtype) if need_a else a.new_empty(0)
     db = db.to(b.dtype) if need_b else b.new_empty(0)
-    return da, db, sums[0].float(), sums[1].float()
+    total = sums.sum(0)
+    return da, db, total[0].float(), total[1].float()

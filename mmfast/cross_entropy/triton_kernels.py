@@ -2,16 +2,20 @@
 
 cross_entropy (logits given): one program per row walks the row in BLOCK_V chunks twice at most:
   the forward merges (max, sum of exp) online; the gradient kernel recomputes them and writes
-  g = w·(softmax·(1 + 2z·lse) − ε/V) chunk by chunk (over the logits themselves when in place).
+  g = w·(softmax·(1 + 2z·lse) − ε/V) chunk by chunk (over the logits themselves when in place),
+  the target's entry selected inside its chunk's store.
 linear_cross_entropy: the kept rows are compacted on the device (a stable sort puts them first;
   their count stays a device tensor, read by the kernels), so there is no host sync and the grid is
   sized for all T rows: programs past the kept count return at once.
   forward (2·T_kept·V·Dh FLOPs): program (row block, vocabulary split) forms its tiles of
     X = H·Wᵀ + bias and merges (max, sum of exp), the target's logit and Σ_v X_tv online; the
-    splits' partials ((splits, T) each) are merged in fp64 afterwards.
+    splits' partials ((splits, T) each) are merged in fp64 afterwards (merge_lse, in split order).
   backward (6·T_kept·V·Dh FLOPs): program (row block, vocabulary tile) recomputes its tile of X,
     forms G in fp32 and adds G·W_tile into dH and Gᵀ·H_rows into dW (and G's column sums into
     dbias) with fp32 atomics.
+Determinism: every kernel but the linear backward writes each output from one program in a fixed
+order, so results repeat bit for bit; the linear backward's atomics do not, and under
+torch.use_deterministic_algorithms(True) it raises (warn_only: warns), as torch's own ops do.
 The target's gradient entry, softmax − 1 in a peaked row, is formed as expm1 of the fp64 lse's
 difference (hi + lo fp32 parts), so it keeps its precision when softmax_y → 1. Sums over V are fp64.
 Targets are int64 with −1 for an ignored row. These are plain functions: op.py's custom ops call
@@ -26,7 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmfast._triton import INTERPRET, mm, on_device, precision, wide
+from mmfast._triton import (INTERPRET, alert_nondeterministic, check_sizes, downcast, merge_lse, mm, on_device,
+                            precision, wide)
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
@@ -103,7 +108,8 @@ def _ce_fwd_kernel(x_ptr, y_ptr, loss_ptr, lse_ptr, V, eps, z, BLOCK_V: tl.const
         return
     mx, total, sum_x = _row_stats(x_row, V, BLOCK_V)
     lse = mx.to(tl.float64) + tl.log(total)
-    loss = lse - (1.0 - eps) * tl.load(x_row + y).to(tl.float64) - eps * sum_x / V + z * lse * lse
+    smoothing = tl.where(eps == 0.0, 0.0, eps * sum_x / V)  # without ε, −inf logits must not make 0·(−inf)
+    loss = lse - (1.0 - eps) * tl.load(x_row + y).to(tl.float64) - smoothing + z * lse * lse
     tl.store(loss_ptr + t, loss.to(tl.float32))
     tl.store(lse_ptr + t, lse)
 
@@ -119,7 +125,9 @@ def _ce_grad_kernel(x_ptr, y_ptr, w_ptr, out_ptr, V, eps, z, BLOCK_V: tl.constex
         for v0 in range(0, V, BLOCK_V):
             tl.store(out_row + v0 + cols, tl.zeros((BLOCK_V,), tl.float32), mask=cols < V - v0)
         return
-    x_y = tl.load(x_row + y).to(tl.float32)  # read before out (maybe x itself) is written
+    # x_y is read before anything is written (out may be x itself): before _row_stats, whose
+    # cross-warp reductions synchronise the program's threads ahead of the first store.
+    x_y = tl.load(x_row + y).to(tl.float32)
     w = tl.load(w_ptr + t).to(tl.float32)
     mx, total, _ = _row_stats(x_row, V, BLOCK_V)
     lse = mx.to(tl.float64) + tl.log(total)
@@ -127,10 +135,13 @@ def _ce_grad_kernel(x_ptr, y_ptr, w_ptr, out_ptr, V, eps, z, BLOCK_V: tl.constex
     lo = (lse - hi.to(tl.float64)).to(tl.float32)
     a = w * (1.0 + 2.0 * z * hi)
     c = -w * eps / V
+    g_y = _target_grad(x_y, hi, lo, w, hi, eps, z, V)
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(x_row + v0 + cols, mask=cols < V - v0, other=0.0).to(tl.float32)
-        tl.store(out_row + v0 + cols, a * tl.exp((x - hi) - lo) + c, mask=cols < V - v0)
-    tl.store(out_row + y, _target_grad(x_y, hi, lo, w, hi, eps, z, V))
+        # The target's entry goes out in its chunk's store: a separate store of it, unordered with
+        # the chunk's (no barrier between them; another warp may own that column), could be overwritten.
+        g = tl.where(v0 + cols == y, g_y, a * tl.exp((x - hi) - lo) + c)
+        tl.store(out_row + v0 + cols, downcast(g, out_ptr.dtype.element_ty), mask=cols < V - v0)
 
 
 _ROW_LAUNCH = dict(BLOCK_V=_ROW_BLOCK_V) if INTERPRET else dict(BLOCK_V=_ROW_BLOCK_V, num_warps=8)
@@ -139,6 +150,7 @@ _ROW_LAUNCH = dict(BLOCK_V=_ROW_BLOCK_V) if INTERPRET else dict(BLOCK_V=_ROW_BLO
 def cross_entropy(x: Tensor, y: Tensor, eps: float, z: float) -> tuple[Tensor, Tensor]:
     """x: (T, V), y: (T,) → loss (T,) fp32, lse (T,) fp64."""
     x = x.contiguous()
+    check_sizes("cross_entropy", T=x.shape[0], V=x.shape[1])
     loss = x.new_empty(x.shape[0], dtype=torch.float32)
     lse = x.new_empty(x.shape[0], dtype=torch.float64)
     if x.shape[0]:
@@ -149,6 +161,7 @@ def cross_entropy(x: Tensor, y: Tensor, eps: float, z: float) -> tuple[Tensor, T
 
 def cross_entropy_grad(x: Tensor, y: Tensor, row_weight: Tensor, eps: float, z: float, out: Tensor) -> None:
     """Writes the gradient of Σ_t row_weight_t·loss_t over x (T, V) into out (contiguous; may be x)."""
+    check_sizes("cross_entropy", T=x.shape[0], V=x.shape[1])
     if x.shape[0]:
         with on_device(x):
             _ce_grad_kernel[(x.shape[0],)](x.contiguous(), y.contiguous(), row_weight.float().contiguous(), out,
@@ -204,7 +217,8 @@ def _lce_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, kept_ptr, mx_ptr, sum
         c = v0 + tl.arange(0, BLOCK_N)
         xm = tl.where((c < v_end)[None, :], x, float("-inf"))
         new_mx = tl.maximum(mx, tl.max(xm, axis=1))
-        total = total * tl.exp(mx - new_mx).to(tl.float64) + _sum_exp(xm, new_mx[:, None], 1)
+        ref = tl.where(new_mx == float("-inf"), 0.0, new_mx)  # a −inf tile (masked vocabulary) adds nothing
+        total = total * tl.exp(mx - ref).to(tl.float64) + _sum_exp(xm, ref[:, None], 1)
         mx = new_mx
         x_y += tl.sum(tl.where(c[None, :] == y[:, None], x, 0.0), axis=1)
         sum_x += tl.sum(x, axis=1).to(tl.float64)  # x is 0 past v_end
@@ -241,7 +255,7 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, kept_ptr, lse_ptr, rw
     g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + c, tl.sum(g, axis=0), mask=col_ok)
-    g_in = g.to(h_ptr.dtype.element_ty)
+    g_in = downcast(g, h_ptr.dtype.element_ty)
     cl = tl.arange(0, BLOCK_N)
     w_rows = w_ptr + wide(v0) * D
     dw_rows = dw_ptr + wide(v0) * D
@@ -265,7 +279,9 @@ def _compact(y: Tensor):
 def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float):
     """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss (T,) fp32, lse (T,) fp64."""
     h, w, y = h.contiguous(), w.contiguous(), y.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
+    check_sizes("linear_cross_entropy", d, T=t, V=v)
     order, n_kept = _compact(y)
     cfg = dict(_LCE_FWD_CONFIG)
     splits = triton.cdiv(v, _LCE_SPLIT_V)
@@ -278,10 +294,8 @@ def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor
             _lce_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), splits)](
                 h, w, bias if bias is not None else h, y, order, n_kept, mx, sums, xy, xsum, t, v, d, _LCE_SPLIT_V,
                 HAS_BIAS=bias is not None, PRECISION=precision(h.dtype), **cfg)
-    top = mx.max(0).values
-    ref = torch.where(torch.isinf(top), 0.0, top).double()
-    lse = ref + (sums * torch.exp(mx.double() - ref)).sum(0).log()
-    loss = lse - (1 - eps) * xy.double().sum(0) + z * lse * lse
+    lse = merge_lse(mx, sums)  # −inf for ignored rows, masked below
+    loss = lse - (1 - eps) * xy.sum(0).double() + z * lse * lse  # one split holds x_y: the fp32 sum is exact
     if eps:
         loss = loss - eps * xsum.sum(0) / v
     kept = y >= 0
@@ -291,8 +305,11 @@ def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor
 def linear_cross_entropy_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, lse: Tensor,
                               row_weight: Tensor, eps: float, z: float):
     """→ dh (T, Dh), dw (V, Dh), dbias (V,) or (0,): gradients of Σ_t row_weight_t·loss_t."""
+    alert_nondeterministic("linear_cross_entropy's backward")
     h, w, y = h.contiguous(), w.contiguous(), y.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
+    check_sizes("linear_cross_entropy", d, T=t, V=v)
     order, n_kept = _compact(y)
     dh = torch.zeros((t, d), dtype=torch.float32, device=h.device)
     dw = torch.zeros((v, d), dtype=torch.float32, device=h.device)
@@ -306,4 +323,5 @@ def linear_cross_entropy_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], y: T
             _lce_bwd_kernel[grid](h, w, bias if bias is not None else h, y, order, n_kept, lse.double().contiguous(),
                                   row_weight.float().contiguous(), dh, dw, db, v, d, eps, z,
                                   HAS_BIAS=bias is not None, PRECISION=precision(h.dtype))
-    return dh.to(h.dtype), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else h.new_empty(0)
+    dh = dh.to(h.dtype)  # before dW's conversion, so that the fp32 dH is freed first
+    return dh, dw.to(w.dtype), db.to(bias.dtype) if bias is not None else h.new_empty(0)

@@ -12,9 +12,11 @@ topk_similarity: the grid is (row blocks, column segments). A program walks its 
   lowest key, the highest column among equal keys) and masks it out of the tile; most tiles of a
   random-like row block exit after one test. The segments' KP-lists are merged on the host by one
   torch.topk over int64 rank keys (order.py). Memory: segments·N·KP·8 bytes.
-  Limits: k ≤ K_MAX = 64 (registers: BLOCK_M·KP keys and columns per program); a larger k is
+  Limits: k ≤ K_MAX = 64 (registers: BLOCK_M·KP keys and columns per program); a larger k, or
+  M > TOPK_MAX_COLUMNS = 2^30 (columns and segment ends, up to 1.5·M, are int32 in-kernel), is
   served by the torch backend's chunked top-k on the same device (torch ops, not this kernel).
-  M < 2^31 (columns are int32 in-kernel).
+Determinism: both kernels write each output entry from one program (top-k: exact integer keys,
+  merged by a top-k over distinct rank keys), so results repeat bit for bit.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from mmfast._triton import INTERPRET, on_device, precision, wide
+from mmfast._triton import INTERPRET, check_sizes, downcast, max_programs, on_device, precision, tile_offsets, wide
 from mmfast.contrastive.triton_kernels import _unscaled_logits
 from mmfast.similarity import chunked, order
 
 K_MAX = 64
+TOPK_MAX_COLUMNS = 2**30
 INT32_MIN = tl.constexpr(-(1 << 31))  # a global read inside kernels must be a constexpr (the GPU compiler checks; the interpreter does not)
 
 if INTERPRET:
@@ -67,8 +70,8 @@ def _similarity_kernel(a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr, N, M
     rs = tl.load(row_scale_ptr + row0 + r, mask=row_ok, other=0.0)
     cs = tl.load(col_scale_ptr + col0 + c, mask=col_ok, other=0.0)
     s = acc * rs[:, None] * cs[None, :]
-    out = out_ptr + wide(row0) * M + col0
-    tl.store(out + r[:, None] * M + c[None, :], s.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out = out_ptr + tile_offsets(row0, col0, M, BLOCK_M, BLOCK_N)  # r·M alone passes 2^31 once M > 2^24
+    tl.store(out, downcast(s, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -100,7 +103,7 @@ def _topk_kernel(q_ptr, k_ptr, row_scale_ptr, col_scale_ptr, key_out_ptr, col_ou
     seg = tl.program_id(1)
     row0 = pid_m * BLOCK_M
     seg_start = seg * seg_cols
-    seg_end = tl.minimum(M, seg_start + seg_cols)
+    seg_end = tl.minimum(M, seg_start + seg_cols)  # < 1.5·M + BLOCK_N: int32 for M ≤ 2^30 (the host checks)
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     slot = tl.arange(0, KP)
@@ -139,16 +142,11 @@ def _factors(a: Tensor, b: Tensor, scale: Tensor, normalize: bool):
     return s.expand(a.shape[0]).contiguous(), b.new_ones(b.shape[0], dtype=torch.float32)
 
 
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few segments exercise the host merge
-
-
 @triton_op("mmfast::triton_similarity", mutates_args=())
 def triton_similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_dtype: torch.dtype) -> Tensor:
     a, b = a.contiguous(), b.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    check_sizes("similarity", d, N=n, M=m)
     row_scale, col_scale = _factors(a, b, scale, normalize)
     out = a.new_empty((n, m), dtype=out_dtype)
 
@@ -163,14 +161,16 @@ def triton_similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_
 @triton_op("mmfast::triton_topk_similarity", mutates_args=())
 def triton_topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
     n, m, d = q.shape[0], keys.shape[0], q.shape[1]
-    if k > K_MAX or m >= 2**31:
+    if k > K_MAX or m > TOPK_MAX_COLUMNS:
         return chunked.topk_similarity(q, keys, k, scale, normalize)  # see the module docstring
+    check_sizes("topk_similarity", d, N=n)
     q, keys = q.contiguous(), keys.contiguous()
     row_scale, col_scale = _factors(q, keys, scale, normalize)
     kp = max(16, triton.next_power_of_2(k))
     row_blocks = triton.cdiv(n, _TOPK_BLOCK_M)
     # Few row blocks (small N): split the columns too, so the machine stays busy.
-    segments = max(1, min(triton.cdiv(_max_programs(q.device), row_blocks), triton.cdiv(m, 4 * _TOPK_BLOCK_N)))
+    programs = max_programs(q.device, interpreted=4)
+    segments = max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(m, 4 * _TOPK_BLOCK_N)))
     seg_cols = triton.cdiv(triton.cdiv(m, segments), _TOPK_BLOCK_N) * _TOPK_BLOCK_N  # whole tiles
     segments = triton.cdiv(m, seg_cols)
     key_out = q.new_empty((segments, n, kp), dtype=torch.int32)
