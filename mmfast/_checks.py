@@ -14,10 +14,10 @@ INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
 
 def is_real(v) -> bool:
     """A Python or NumPy real number (float, int, np.float32, np.int64, …), not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, torch.Tensor)) and type(v).__name__ != "bool_"
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def plain_autograd(op: str, *tensors) -> None:
+def plain_autograd(op: str) -> None:
     """The ops' gradients are registered for torch.autograd; torch.func's transforms (grad, vmap,
     jacrev, …) cannot run them, and say so only in terms of torch internals."""
     if torch._C._are_functorch_transforms_active():

@@ -16,8 +16,8 @@
         the loss and its gradients at once (`cpu` and `torch`): for a scalar loss (reduction mean or
         sum, row_weight = 1/T_kept or 1 on kept rows) whose gradient is wanted, the gradients come
         from the forward's own logits, a block of rows × V at a time (6·T_kept·V·Dh FLOPs). They are
-        held until backward, which scales them in place by the incoming gradient (so a second
-        backward through the same graph raises, as for any tensor modified in place).
+        held until backward, which scales them in place by the incoming gradient: one backward per
+        forward (a second raises, saying so).
 
 All are torch.library custom ops with fakes, so torch.compile(fullgraph=True) keeps them whole.
 """
