@@ -7,36 +7,38 @@ from typing import Optional
 
 
 @dataclass
-class ImageConfig:
+class BlocksConfig:
+    """A stack of pre-norm transformer blocks."""
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class TowerConfig(BlocksConfig):
+    """A tower: its blocks' width and the projected feature size the losses compare."""
+    width: int = 128
+    embed_dim: int = 64
+
+
+@dataclass
+class ImageConfig(TowerConfig):
     image_size: int = 32
     patch_size: int = 4
     channels: int = 3
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    embed_dim: int = 64
 
 
 @dataclass
-class TextConfig:
+class TextConfig(TowerConfig):
     vocab_size: int = 256
     max_len: int = 32
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    embed_dim: int = 64
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(BlocksConfig):
+    """The fusion blocks run at the text tower's width."""
     depth: int = 1
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
     backend: Optional[str] = None  # the MLM loss's mmfast backend (None: by device)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfast.models.config import FusionConfig, ImageConfig, TextConfig
+from mmfast.models.config import BlocksConfig, FusionConfig, ImageConfig, TextConfig
 from mmfast.nn import MaskedLMHead
 
 
@@ -43,11 +43,12 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """depth Blocks and a final LayerNorm."""
+    """config.depth Blocks of the given width and a final LayerNorm."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, width: int, config: BlocksConfig):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        c = config
+        self.blocks = nn.ModuleList(Block(width, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor, key_padding: Optional[Tensor] = None) -> Tensor:
@@ -71,7 +72,7 @@ class ImageEncoder(nn.Module):
         patches = (c.image_size // c.patch_size) ** 2
         self.cls = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos = nn.Parameter(torch.randn(1, patches + 1, c.width) * 0.02)
-        self.stack = Stack(c.width, c.depth, c.heads, c.mlp_ratio, c.dropout)
+        self.stack = Stack(c.width, c)
         self.proj = nn.Linear(c.width, c.embed_dim, bias=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +93,7 @@ class TextEncoder(nn.Module):
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.width)
         self.pos = nn.Parameter(torch.randn(1, c.max_len, c.width) * 0.02)
-        self.stack = Stack(c.width, c.depth, c.heads, c.mlp_ratio, c.dropout)
+        self.stack = Stack(c.width, c)
         self.proj = nn.Linear(c.width, c.embed_dim, bias=False)
 
     def forward(self, ids: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -120,7 +121,7 @@ class FusionEncoder(nn.Module):
         width = text.config.width
         self.image_in = nn.Linear(image_width, width)
         self.types = nn.Parameter(torch.zeros(2, width))
-        self.stack = Stack(width, c.depth, c.heads, c.mlp_ratio, c.dropout)
+        self.stack = Stack(width, c)
         self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
         self.head = MaskedLMHead(width, text.config.vocab_size, tied_weight=text.embed.weight, backend=c.backend)
 
