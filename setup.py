@@ -56,6 +56,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
+        "train": ["tqdm", "matplotlib", "Pillow"],  # progress bars, curves.png, image files
         "dev": ["pytest", "hypothesis", "cmake", "ninja"],
     },
     ext_modules=[CMakeExtension("mmfast._C")] if build_ext_modules else [],

@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mmfast._memory import peak_growth  # noqa: F401  (the benchmarks' and tests' memory measure)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,30 +39,6 @@ def measure(make_step, mode: str, repeats: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     return {"times_s": times, "median_s": statistics.median(times)}
-
-
-def peak_growth(fn) -> int:
-    """Bytes by which the resident set's peak during fn() exceeds the resident set before it.
-
-    On Linux the peak (VmHWM) is reset to the current RSS first (/proc/self/clear_refs), so what
-    the inputs' creation left behind (a freed temporary the size of an input, say) cannot hide
-    what fn allocates below that old peak. Elsewhere: growth of the lifetime peak (ru_maxrss).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kb("VmRSS")
-        fn()
-        return (_status_kb("VmHWM") - before) * 1024
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def run_case(script: str, args: list[str], timeout: float = 1800) -> dict:

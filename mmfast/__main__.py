@@ -1,5 +1,9 @@
-"""Command line: `python -m mmfast info` prints versions and which backends run here (and why not);
-`python -m mmfast eval-retrieval ...` computes retrieval metrics from .npy embeddings (mmfast/eval/cli.py)."""
+"""Command line:
+  python -m mmfast demo                          pretrain a tiny model on `shapes`, show what it learned
+  python -m mmfast train --config cfg.json       train (a JSON TrainConfig); --resume RUN_DIR continues
+  python -m mmfast info                          versions and which backends run here (and why not)
+  python -m mmfast eval-retrieval ...            retrieval metrics from .npy embeddings
+"""
 from __future__ import annotations
 
 import argparse
@@ -36,17 +40,23 @@ def info() -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mmfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
     from mmfast.eval import cli as eval_cli
 
     eval_cli.add_parser(sub)
+    from mmfast.train import cli as train_cli
+
+    train_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "eval-retrieval":
         return eval_cli.run(args)
+    if args.command in ("train", "demo"):
+        return train_cli.run(args)
     return 2
 
 

@@ -34,7 +34,7 @@ def test_towers_return_pooled_features_and_tokens():
     model = tiny()
     images, ids, mask = batch()
     pooled, patches = model.visual(images)
-    assert pooled.shape == (3, 64) and patches.shape == (3, (32 // 4) ** 2, 128)
+    assert pooled.shape == (3, 64) and patches.shape == (3, (32 // 8) ** 2, 128)
     pooled, hidden = model.text(ids, mask)
     assert pooled.shape == (3, 64) and hidden.shape == (3, 9, 128)
     a, b, scale, bias = model(images, ids, mask)

@@ -92,6 +92,7 @@ class TextEncoder(nn.Module):
         c = config
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.width)
+        nn.init.normal_(self.embed.weight, std=0.02)  # BERT's: N(0, 1) would make the tied MLM logits huge
         self.pos = nn.Parameter(torch.randn(1, c.max_len, c.width) * 0.02)
         self.stack = Stack(c.width, c)
         self.proj = nn.Linear(c.width, c.embed_dim, bias=False)

@@ -1,0 +1,101 @@
+"""What the training loop eats: a Batch of images, captions' tokens and the masked-LM inputs, drawn
+in an order that is a function of (seed, step) alone, so a resumed run sees the batches that an
+uninterrupted one would have."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from mmfast.data import IGNORE_INDEX, CaptionFiles, Shapes, Tokenizer
+
+
+@dataclass
+class Batch:
+    """images: (B, C, H, W) float; ids, mask: (B, S) the clean captions (contrastive); mlm_ids,
+    mlm_labels: (B, S) the masked captions and their labels (−100 where not masked), or None."""
+    images: Tensor
+    ids: Tensor
+    mask: Tensor
+    mlm_ids: Optional[Tensor] = None
+    mlm_labels: Optional[Tensor] = None
+
+    def _map(self, fn) -> list:
+        return [None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)]
+
+    def to(self, device) -> "Batch":
+        return Batch(*self._map(lambda t: t.to(device, non_blocking=True)))
+
+    def split(self, parts: int) -> list["Batch"]:
+        """parts micro-batches of equal size (B must be a multiple of parts)."""
+        cols = self._map(lambda t: t.chunk(parts))
+        return [Batch(*(None if c is None else c[j] for c in cols)) for j in range(parts)]
+
+    @property
+    def masked_tokens(self) -> int:
+        return 0 if self.mlm_labels is None else int((self.mlm_labels != IGNORE_INDEX).sum())
+
+
+def build_batch(images: Tensor, captions: list, tokenizer: Tokenizer, max_len: int, mlm_prob: Optional[float],
+                generator: Optional[torch.Generator]) -> Batch:
+    ids, mask = tokenizer.encode(captions, max_len)
+    batch = Batch(images, ids, mask)
+    if mlm_prob is not None:
+        batch.mlm_ids, batch.mlm_labels = tokenizer.mask_tokens(ids, mask, generator, mlm_prob)
+    return batch
+
+
+class StepOrder(torch.utils.data.Sampler):
+    """Index lists for steps start..stop-1: each epoch is a permutation drawn from (seed, epoch);
+    step s takes the (s mod E)-th slice of batch_size of epoch s div E (E = full batches per epoch)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+        if size < batch_size:
+            raise ValueError(f"batch_size ({batch_size}) is larger than the training set ({size} pairs)")
+        self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
+        self.per_epoch = size // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, order = None, None
+        for step in range(self.start, self.stop):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            i = (step % self.per_epoch) * self.batch_size
+            yield order[i: i + self.batch_size].tolist()
+
+
+def collate(items: list) -> tuple[Tensor, list]:
+    """[(image (C, H, W), caption)] → (images (B, C, H, W), captions)."""
+    return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+
+
+def loader(dataset, order: StepOrder, workers: int) -> torch.utils.data.DataLoader:
+    # Its own generator (it seeds the workers): drawing from the global RNG would shift the dropout
+    # masks of a resumed run against an uninterrupted one.
+    generator = torch.Generator().manual_seed(order.seed + order.start)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=workers,
+                                       generator=generator)
+
+
+def datasets(data: str, eval_data: Optional[str], train_size: int, eval_size: int, image_size: int, seed: int):
+    """(train pairs, eval pairs or None, zero-shot images or None) from the config's data fields.
+    shapes: the train split; its held-out combinations give eval pairs and single-object images."""
+    if data == "shapes":
+        return (Shapes("train", train_size, seed=seed, image_size=image_size),
+                Shapes("test", eval_size, seed=seed, image_size=image_size),
+                Shapes("test", eval_size, seed=seed + 1, image_size=image_size, max_shapes=1))
+    train = CaptionFiles(data, image_size=image_size)
+    return train, (CaptionFiles(eval_data, image_size=image_size) if eval_data else None), None
+
+
+def tokenizer_for(data: str, train) -> Tokenizer:
+    """shapes: its fixed vocabulary, masking the attribute words; files: the words of the captions."""
+    if data == "shapes":
+        return Tokenizer(Shapes.vocabulary(), maskable=Shapes.attribute_words())
+    return Tokenizer.from_texts(train.captions)
