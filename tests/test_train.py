@@ -90,7 +90,8 @@ def test_a_short_run_learns_and_writes_its_folder(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
     assert {"loss_clip", "loss_mlm", "lr", "samples_per_s"} <= rows[0].keys()
     assert [r["step"] for r in rows if "eval" in r] == [20, 40]
-    assert {"text_to_image_R@5", "zero_shot_top1", "mlm_accuracy", "mlm_accuracy_blank_image"} <= metrics.keys()
+    assert {"text_to_image_R@5", "zero_shot_top1", "zero_shot_top1_held_out", "mlm_accuracy",
+            "mlm_accuracy_blank_image"} <= metrics.keys()
     assert os.path.isfile(os.path.join(c.out_dir, "checkpoint.pt"))
     pytest.importorskip("matplotlib")
     assert os.path.getsize(os.path.join(c.out_dir, "curves.png")) > 1000

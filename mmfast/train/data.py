@@ -83,13 +83,32 @@ def loader(dataset, order: StepOrder, workers: int) -> torch.utils.data.DataLoad
                                        generator=generator)
 
 
+class LabeledImages(torch.utils.data.Dataset):
+    """Zero-shot images: (image (C, H, W) float in [0, 1], "") items; labels (N,) class indices;
+    held_out (N,) bool: the image's class is a combination training never shows."""
+
+    def __init__(self, parts: list, held_out: list):
+        self.images = torch.cat([p.images for p in parts])
+        self.labels = torch.cat([p.labels for p in parts])
+        self.held_out = torch.cat([torch.full((len(p),), h) for p, h in zip(parts, held_out)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i].float() / 255, ""
+
+
 def datasets(data: str, eval_data: Optional[str], train_size: int, eval_size: int, image_size: int, seed: int):
     """(train pairs, eval pairs or None, zero-shot images or None) from the config's data fields.
-    shapes: the train split; its held-out combinations give eval pairs and single-object images."""
+    shapes: the train split; the test split's pairs (each image holds a held-out combination); and
+    single-object images of all 18 classes, a third of them held-out combinations, two thirds seen
+    ones (fresh draws), so that an image-blind classifier scores 1/18."""
     if data == "shapes":
+        held = Shapes("test", eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
+        seen = Shapes("train", eval_size - eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
         return (Shapes("train", train_size, seed=seed, image_size=image_size),
-                Shapes("test", eval_size, seed=seed, image_size=image_size),
-                Shapes("test", eval_size, seed=seed + 1, image_size=image_size, max_shapes=1))
+                Shapes("test", eval_size, seed=seed, image_size=image_size), LabeledImages([held, seen], [True, False]))
     train = CaptionFiles(data, image_size=image_size)
     return train, (CaptionFiles(eval_data, image_size=image_size) if eval_data else None), None
 

@@ -22,8 +22,9 @@ EVAL_BATCH = 500
 @dataclass
 class EvalSet:
     """pairs: (image, caption) items, one caption per image (retrieval, masked words).
-    zero_shot: (image, _) items with `labels` (N,) indexing classnames, or None; a class's
-    embedding averages its prompts template.format(classname). word_groups: the kinds of maskable
+    zero_shot: (image, _) items with `labels` (N,) indexing classnames (and optionally `held_out`
+    (N,) bool, the images whose class training never showed, scored apart too), or None; a
+    class's embedding averages its prompts template.format(classname). word_groups: the kinds of maskable
     words (the colours, the shapes, ...): a masked word's chance is one over its kind's size."""
     pairs: object
     zero_shot: object = None
@@ -49,15 +50,17 @@ def _masked(dataset, tokenizer: Tokenizer, max_len: int, seed: int = 0):
 
 
 @torch.no_grad()
-def embed(model, dataset, tokenizer: Tokenizer, device, autocast=contextlib.nullcontext) -> tuple[Tensor, Tensor]:
-    """(image features (N, E), text features (N, E)), fp32, L2-normalised, of every pair."""
+def embed(model, dataset, tokenizer: Tokenizer, device, autocast=contextlib.nullcontext,
+          texts: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(image features (N, E), text features (N, E) or None), fp32, L2-normalised, of every item."""
     img, txt = [], []
     for images, captions in _chunks(dataset):
-        ids, mask = tokenizer.encode(captions, model.config.text.max_len)
         with autocast():
             img.append(model.encode_image(images.to(device)).float())
-            txt.append(model.encode_text(ids.to(device), mask.to(device)).float())
-    return torch.cat(img), torch.cat(txt)
+            if texts:
+                ids, mask = tokenizer.encode(captions, model.config.text.max_len)
+                txt.append(model.encode_text(ids.to(device), mask.to(device)).float())
+    return torch.cat(img), (torch.cat(txt) if texts else None)
 
 
 @torch.no_grad()
@@ -98,9 +101,14 @@ def evaluate(model, tokenizer: Tokenizer, data: EvalSet, *, device=None,
                     return model.encode_text(ids.to(device), mask.to(device)).float()
 
             classifier = zero_shot_classifier(encode, data.classnames, data.templates)
-            images, _ = embed(model, data.zero_shot, tokenizer, device, autocast)
+            images, _ = embed(model, data.zero_shot, tokenizer, device, autocast, texts=False)
             labels = data.zero_shot.labels.to(images.device)
-            out["zero_shot_top1"] = zero_shot_accuracy(images, labels, classifier, ks=(1,), backend=backend)["top1_accuracy"]
+            top1 = lambda rows: zero_shot_accuracy(images[rows], labels[rows], classifier, ks=(1,),  # noqa: E731
+                                                   backend=backend)["top1_accuracy"]
+            out["zero_shot_top1"] = top1(slice(None))
+            held_out = getattr(data.zero_shot, "held_out", None)
+            if held_out is not None and held_out.any():
+                out["zero_shot_top1_held_out"] = top1(held_out.to(images.device))
         if getattr(model, "fusion", None) is not None:
             for key, blank in (("mlm_accuracy", False), ("mlm_accuracy_blank_image", True)):
                 out[key] = masked_word_accuracy(model, data.pairs, tokenizer, device, autocast, blank)
@@ -116,7 +124,7 @@ def chance(tokenizer: Tokenizer, data: EvalSet, max_len: int, mlm: bool = True) 
     n = len(data.pairs)
     out = {f"{d}_R@{k}": min(k, n) / n for d in ("image_to_text", "text_to_image") for k in KS}
     if data.zero_shot is not None:
-        out["zero_shot_top1"] = 1 / len(data.classnames)
+        out["zero_shot_top1"] = out["zero_shot_top1_held_out"] = 1 / len(data.classnames)
     if mlm:
         kind = {tokenizer.ids[w]: len(words) for words in data.word_groups for w in words}
         odds = [1 / kind.get(int(t), len(tokenizer.maskable))

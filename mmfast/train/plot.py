@@ -33,7 +33,7 @@ def plot_run(metrics_path: str, png_path: str) -> Optional[str]:
         left.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
     left.set(xlabel="step", ylabel="loss", title="training loss")
     left.legend()
-    for key in ("text_to_image_R@5", "image_to_text_R@5", "zero_shot_top1", "mlm_accuracy",
+    for key in ("text_to_image_R@5", "image_to_text_R@5", "zero_shot_top1_held_out", "mlm_accuracy",
                 "mlm_accuracy_blank_image"):
         rows = [r for r in evals if key in r["eval"]]
         if rows:
