@@ -72,9 +72,9 @@ def main() -> None:
         worst = max(float((gk[n].double() - g1[n].double()).norm() / g1[n].double().norm()) for n in g1)
     rows[1]["grad_rel_err_max"] = worst
     rows[1]["memory_ratio"] = rows[1]["extra_mib"] / rows[0]["extra_mib"]
-    columns = [("batch", "batch", "{}"), ("accum_steps", "accum", "{}"), ("seconds", "s", "{:.2f}"),
-               ("extra_mib", "extra MiB", "{:.0f}"), ("memory_ratio", "memory / accum 1", "{:.3f}"),
-               ("grad_rel_err_max", "max grad rel err", "{:.1e}")]
+    columns = [("batch", "batch", "d"), ("accum", "accum_steps", "d"), ("s", "seconds", ".2f"),
+               ("extra MiB", "extra_mib", ".0f"), ("memory / accum 1", "memory_ratio", ".3f"),
+               ("max grad rel err", "grad_rel_err_max", ".1e")]
     harness.report("accumulation-cpu", {"machine": harness.machine(), "rows": rows}, columns, args.out)
 
 

@@ -207,3 +207,49 @@ def test_cli_demo_writes_its_summary(tmp_path):
         assert 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1 and 0 < r["chance"] < 1
     assert "held-out evaluation" in out.stdout and "run folder:" in out.stdout
     assert run_cli("demo", "--minutes", "0").returncode == 2
+
+
+def test_training_on_a_jsonl_of_image_files(tmp_path):
+    """The `train on your data` path: Pillow-read images, a vocabulary from the captions, an eval file."""
+    pil = pytest.importorskip("PIL.Image")
+    shapes = Shapes("train", 48, image_size=32)
+    for name, rows in (("train.jsonl", range(40)), ("val.jsonl", range(40, 48))):
+        with open(tmp_path / name, "w") as f:
+            for i in rows:
+                pil.fromarray(shapes.images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+                f.write(json.dumps({"image": f"{i}.png", "caption": shapes.captions[i]}) + "\n")
+    model = {k: v for k, v in small_model().items()}
+    model["text"] = {k: v for k, v in model["text"].items() if k != "vocab_size"}  # from the captions
+    c = config(tmp_path, data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "val.jsonl"), model=model,
+               batch_size=8, steps=3)
+    trainer = Trainer(c)
+    assert trainer.tokenizer.vocab_size == trainer.model.config.text.vocab_size
+    metrics = trainer.fit()
+    assert {"text_to_image_R@1", "mlm_accuracy"} <= metrics.keys() and "zero_shot_top1" not in metrics
+
+
+ACCUM_SCRIPT = """
+from mmfast.train import TrainConfig, Trainer
+import tempfile
+batch, accum = int(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+trainer = Trainer(TrainConfig(out_dir=tempfile.mkdtemp(), batch_size=batch, accum_steps=accum, train_size=batch,
+                              eval_size=16, progress=False))
+data = next(iter(trainer.batches(0, 1)))[1]
+def warm():
+    trainer.backward(data.split(batch // (4 * accum))[0])
+    trainer.optimizer.zero_grad(set_to_none=True)
+def step():
+    trainer.backward(data)
+"""
+
+
+@pytest.mark.slow
+def test_accumulation_holds_one_micro_batch_of_activations():
+    """The tiny model, clip + mlm, batch 1024: accum_steps=8 peaks at most at 1/4 of the memory of
+    the unaccumulated step (benchmarks/bench_accumulation.py measures batch 4096: 0.12)."""
+    from tests.helpers import peak_growth_in_subprocess
+
+    whole = peak_growth_in_subprocess(ACCUM_SCRIPT, 1024, 1)
+    accumulated = peak_growth_in_subprocess(ACCUM_SCRIPT, 1024, 8)
+    assert accumulated < whole / 4, (accumulated, whole)

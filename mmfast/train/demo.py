@@ -117,7 +117,7 @@ def run(out_dir: str, minutes: float, seed: int = 0, fused: bool = True) -> int:
     eval_seconds = time.perf_counter() - start
     evals = 3  # during training, besides the final one
     trainer.config.steps = steps_within(trainer, 60 * minutes, eval_seconds, evals + 1)
-    trainer.config.eval_every = max(1, trainer.config.steps // (evals + 1))
+    trainer.config.eval_every = -(-trainer.config.steps // (evals + 1))  # the last one is fit's final eval
     print(f"training {trainer.config.steps} steps of {config.batch_size} pairs (budget {minutes:g} min)")
     start = time.perf_counter()
     after = trainer.fit()
@@ -129,9 +129,9 @@ def run(out_dir: str, minutes: float, seed: int = 0, fused: bool = True) -> int:
     print(table(["", "before", "after", "chance"],
                 [[r["label"], f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * r['chance']:.1f}"]
                  for r in records]))
-    print("chance: a uniform guess (R@k: k/N; zero-shot: 1/18; a masked word: one over the size of its kind).\n"
-          "An untrained model maps every image to nearly one feature, so it names one class for all: 1/18 on all\n"
-          "classes, 0 or 1/6 on the held-out ones.")
+    print("chance: a uniform guess (R@k: k/N; zero-shot: 1/18; a masked word: among the words of its kind,\n"
+          "colour, shape or size, which the caption alone tells). An untrained model maps every image to nearly\n"
+          "one feature and names one class for all: 1/18 on all classes, 0 or 1/6 on the held-out ones.")
     summary = {"metrics": records, "steps": trainer.step, "batch_size": config.batch_size,
                "train_seconds": train_seconds, "config": trainer.config.to_dict()}
     if fused:
