@@ -239,10 +239,14 @@ def test_nn_modules_are_drop_ins():
     assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].shape == ()
     out = mmfast.nn.SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)(a, b, 2.0, -1.0, output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="world_size=2 needs an initialised default process group"):
         mmfast.nn.ClipLoss(world_size=2)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="world_size=4 needs"):
         mmfast.nn.SigLipLoss(world_size=4)
+    with pytest.raises(ValueError, match="dist_impl='ring' computes open_clip's local_loss=True"):
+        mmfast.nn.ClipLoss(dist_impl="ring")
+    with pytest.raises(ValueError, match="dist_impl must be one of"):
+        mmfast.nn.SigLipLoss(dist_impl="allgather")
 
 
 # ---------------------------------------------------------------- registration: opcheck, compile

@@ -203,3 +203,28 @@ def test_triton_linear_cross_entropy_has_no_txv_buffer():
     extra = cuda_peak_growth(lambda: mmfast.linear_cross_entropy(h, w, y, backend="triton").backward(), [h, w])
     splits = -(-v // ce._LCE_SPLIT_V)
     assert_within(extra, linear_cross_entropy_memory(t, v, d, 2, splits), t * v * 2, "T×V bf16 buffer")
+
+
+def test_distributed_ring_on_one_gpu(tmp_path):
+    """The ring path on the device (NCCL, one rank: the blocks' walk and the accumulators without a
+    neighbour) against the single-device losses, fp32 and bf16."""
+    import torch.distributed as dist
+
+    import mmfast.distributed as md
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a = features(300, 64).to("cuda", dtype)
+            b = features(300, 64).to("cuda", dtype)
+            scale, bias = torch.tensor(20.0), torch.tensor(-3.0)
+            tol = 5e-4 if dtype == torch.float32 else 2e-2
+            cases = [(lambda x, y, s, t: md.clip_loss(x, y, s), lambda x, y, s, t: mmfast.clip_loss(x, y, s)),
+                     (md.siglip_loss, mmfast.siglip_loss)]
+            for ring, single in cases:
+                got = loss_and_grads(ring, [a, b, scale.cuda(), bias.cuda()])
+                want = loss_and_grads(single, [a, b, scale.cuda(), bias.cuda()])
+                for g, w in zip(got, want):
+                    assert rel_err(g.float().cpu(), w.float().cpu(), floor=1.0) < tol
+    finally:
+        dist.destroy_process_group()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +16,6 @@ from torch import nn
 from mmfast.data import Shapes, Tokenizer
 from mmfast.models import CLIPModel, ModelConfig
 from mmfast.train import TrainConfig, Trainer, checkpoint
-from mmfast.train.data import Batch
 from tests.helpers import rel_err
 
 VOCAB = Tokenizer(Shapes.vocabulary()).vocab_size
@@ -253,3 +254,52 @@ def test_accumulation_holds_one_micro_batch_of_activations():
     whole = peak_growth_in_subprocess(ACCUM_SCRIPT, 1024, 1)
     accumulated = peak_growth_in_subprocess(ACCUM_SCRIPT, 1024, 8)
     assert accumulated < whole / 4, (accumulated, whole)
+
+
+def test_bf16_autocast_on_cpu_trains_and_accumulates(tmp_path):
+    """precision bf16 (autocast; the MLM head follows it as an nn.Linear would): the cached
+    accumulation agrees with the full batch within bf16 rounding."""
+    out = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        trainer = Trainer(config(tmp_path, precision="bf16", accum_steps=accum, mlm_prob=0.3))
+        batch = next(iter(trainer.batches(0, 1)))[1]
+        out.append((trainer.backward(batch), grads(trainer.model)))
+    (full_loss, full), (acc_loss, acc) = out
+    assert abs(full_loss["loss"] - acc_loss["loss"]) < 2e-2 * full_loss["loss"]
+    assert max(rel_err(acc[n], full[n], floor=1e-12) for n in full) < 5e-2
+
+
+def test_steps_with_nothing_to_learn_do_not_fail(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(config(tmp_path, objectives={"mlm": 1.0}, accum_steps=4, mlm_prob=0.3))
+    batch = next(iter(trainer.batches(0, 1)))[1]
+    batch.mlm_labels[:] = -100  # no masked word in the batch
+    assert trainer.backward(batch) == {"loss_mlm": 0.0, "loss": 0.0}
+    trainer = Trainer(config(tmp_path, objectives={"clip": 1.0, "mlm": 1.0}, accum_steps=4))
+    for p in [*trainer.model.visual.parameters(), *trainer.model.text.parameters()]:
+        p.requires_grad_(False)  # both towers frozen: only the scale learns
+    batch = next(iter(trainer.batches(0, 1)))[1]
+    batch.mlm_labels[:] = -100
+    losses = trainer.backward(batch)
+    assert losses["loss_mlm"] == 0.0 and trainer.model.logit_scale.grad is not None
+
+
+def test_ctrl_c_saves_the_last_whole_step_and_exits_130(tmp_path):
+    cfg = config(tmp_path, steps=10_000, log_every=1).to_dict()
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "mmfast", "train", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    metrics = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    step = checkpoint.load(os.path.join(cfg["out_dir"], "checkpoint.pt"))["step"]
+    assert step >= 1 and f"interrupted: checkpoint of step {step}" in err
+    resumed = Trainer.resume(cfg["out_dir"], steps=step + 1)
+    assert resumed.step == step

@@ -63,7 +63,8 @@ def _agree(group, loss: str, strategy: str, q: Tensor, k: Tensor, needs_backward
 
 def _setup(group, loss, strategy, q, k, scalars):
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("mmfast.distributed needs an initialised process group (torch.distributed.init_process_group)")
+        raise RuntimeError("mmfast.distributed needs an initialised process group "
+                           "(torch.distributed.init_process_group)")
     _checks.choice("strategy", strategy, STRATEGIES)
     group = group or dist.group.WORLD
     needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, *scalars))

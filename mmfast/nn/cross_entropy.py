@@ -56,7 +56,15 @@ class MaskedLMHead(nn.Module):
                                            z_loss=z_loss, backend=backend)
 
     def forward(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(hidden, self.weight, labels, self.bias)
+        """Under autocast the head computes in the autocast dtype, as an nn.Linear would (its fp32
+        weight cast for the call)."""
+        weight, bias = self.weight, self.bias
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return self.loss(hidden, weight, labels, bias)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.weight, self.bias)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train on the embedded shapes data or your own (a JSON TrainConfig)")
@@ -42,6 +44,10 @@ def run(args) -> int:
         metrics = trainer.fit()
     except KeyboardInterrupt:
         return 130
-    print({k: round(v, 4) for k, v in metrics.items()})
-    print(f"run folder: {trainer.config.out_dir}")
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()
+    if trainer.ranks.main:
+        print({k: round(v, 4) for k, v in metrics.items()})
+        print(f"run folder: {trainer.config.out_dir}")
     return 0

@@ -24,7 +24,7 @@ class TrainConfig:
     data: str = "shapes"
     eval_data: Optional[str] = None
     train_size: int = 20000  # shapes only
-    eval_size: int = 1000  # shapes only: held-out pairs for retrieval and MLM, and zero-shot images
+    eval_size: int = 1000  # shapes only: held-out pairs drawn (one kept per distinct caption), zero-shot images
     # a preset of mmfast.models.ModelConfig ("tiny", "base"), or its fields as a nested dict; the
     # image size and the longest caption come from it (image.image_size, text.max_len)
     model: Union[str, dict] = "tiny"
@@ -41,6 +41,9 @@ class TrainConfig:
     mlm_prob: float = 0.15
     precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it, fp32 elsewhere
     backend: Optional[str] = None  # mmfast backend of the losses (None: by device)
+    # under torchrun: how the contrastive losses see every rank's features (mmfast.distributed):
+    # "ring" (flat memory) or "gather" (open_clip's all-gather), both local_loss + gather_with_grad
+    distributed: str = "ring"
     device: str = "auto"
     eval_every: int = 200
     log_every: int = 10
@@ -105,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
+        if self.distributed not in ("ring", "gather"):
+            raise ValueError(f"distributed must be 'ring' or 'gather', got {self.distributed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("data", "eval_data"):

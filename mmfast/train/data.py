@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,15 +48,24 @@ def build_batch(images: Tensor, captions: list, tokenizer: Tokenizer, max_len: i
     return batch
 
 
+def seed_of(seed: int, purpose: str, index: int) -> int:
+    """A 63-bit seed for (seed, purpose, index): distinct seeds never share a stream at shifted indices."""
+    words = np.random.SeedSequence([seed, index, *purpose.encode()]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 class StepOrder(torch.utils.data.Sampler):
     """Index lists for steps start..stop-1: each epoch is a permutation drawn from (seed, epoch);
-    step s takes the (s mod E)-th slice of batch_size of epoch s div E (E = full batches per epoch)."""
+    step s takes the (s mod E)-th slice of world · batch_size of epoch s div E (E = full global
+    batches per epoch), and this rank the rank-th batch_size of it."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
-        if size < batch_size:
-            raise ValueError(f"batch_size ({batch_size}) is larger than the training set ({size} pairs)")
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        if size < batch_size * world:
+            raise ValueError(f"batch_size ({batch_size}) × ranks ({world}) is larger than the training set "
+                             f"({size} pairs)")
         self.size, self.batch_size, self.seed, self.start, self.stop = size, batch_size, seed, start, stop
-        self.per_epoch = size // batch_size
+        self.rank, self.world = rank, world
+        self.per_epoch = size // (batch_size * world)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -65,8 +75,9 @@ class StepOrder(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             if step // self.per_epoch != epoch:
                 epoch = step // self.per_epoch
-                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            i = (step % self.per_epoch) * self.batch_size
+                generator = torch.Generator().manual_seed(seed_of(self.seed, "order", epoch))
+                order = torch.randperm(self.size, generator=generator)
+            i = ((step % self.per_epoch) * self.world + self.rank) * self.batch_size
             yield order[i: i + self.batch_size].tolist()
 
 
@@ -78,7 +89,7 @@ def collate(items: list) -> tuple[Tensor, list]:
 def loader(dataset, order: StepOrder, workers: int) -> torch.utils.data.DataLoader:
     # Its own generator (it seeds the workers): drawing from the global RNG would shift the dropout
     # masks of a resumed run against an uninterrupted one.
-    generator = torch.Generator().manual_seed(order.seed + order.start)
+    generator = torch.Generator().manual_seed(seed_of(order.seed, "workers", order.start))
     return torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=workers,
                                        generator=generator)
 
@@ -99,18 +110,29 @@ class LabeledImages(torch.utils.data.Dataset):
         return self.images[i].float() / 255, ""
 
 
+def distinct_captions(pairs) -> torch.utils.data.Subset:
+    """The pairs whose caption no earlier pair has: retrieval scores one image per caption, so a
+    caption shared by several images would make the others count as misses."""
+    first = {}
+    for i, caption in enumerate(pairs.captions):
+        first.setdefault(caption, i)
+    return torch.utils.data.Subset(pairs, sorted(first.values()))
+
+
 def datasets(data: str, eval_data: Optional[str], train_size: int, eval_size: int, image_size: int, seed: int):
-    """(train pairs, eval pairs or None, zero-shot images or None) from the config's data fields.
+    """(train pairs, eval pairs or None, zero-shot images or None) from the config's data fields;
+    the eval pairs keep one pair per distinct caption (distinct_captions).
     shapes: the train split; the test split's pairs (each image holds a held-out combination); and
     single-object images of all 18 classes, a third of them held-out combinations, two thirds seen
     ones (fresh draws), so that an image-blind classifier scores 1/18."""
     if data == "shapes":
         held = Shapes("test", eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
         seen = Shapes("train", eval_size - eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
-        return (Shapes("train", train_size, seed=seed, image_size=image_size),
-                Shapes("test", eval_size, seed=seed, image_size=image_size), LabeledImages([held, seen], [True, False]))
+        pairs = distinct_captions(Shapes("test", eval_size, seed=seed, image_size=image_size))
+        return (Shapes("train", train_size, seed=seed, image_size=image_size), pairs,
+                LabeledImages([held, seen], [True, False]))
     train = CaptionFiles(data, image_size=image_size)
-    return train, (CaptionFiles(eval_data, image_size=image_size) if eval_data else None), None
+    return train, (distinct_captions(CaptionFiles(eval_data, image_size=image_size)) if eval_data else None), None
 
 
 def tokenizer_for(data: str, train) -> Tokenizer:

@@ -14,32 +14,43 @@ time is one micro-batch's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmfast import distributed
 from mmfast.contrastive import clip_loss, siglip_loss
 from mmfast.data import COLORS, SHAPES, SIZES, TEMPLATES, Shapes, Tokenizer
 from mmfast.models import CLIPModel, ModelConfig
-from mmfast.train import checkpoint
+from mmfast.train import checkpoint, ranks
 from mmfast.train.config import OBJECTIVES, TrainConfig
-from mmfast.train.data import Batch, StepOrder, build_batch, datasets, loader, tokenizer_for
+from mmfast.train.data import Batch, StepOrder, build_batch, datasets, loader, seed_of, tokenizer_for
 from mmfast.train.evaluate import EvalSet, chance, evaluate
 from mmfast.train.plot import plot_run
 
-# The whole-batch objectives: (image features (B, E), text features (B, E), scale, bias, backend) → loss.
+# The whole-batch objectives: (image features (B, E), text features (B, E), scale, bias, backend) → loss;
+# across ranks (torchrun), this rank's loss over every rank's features, by strategy ("ring", "gather").
 BATCH_LOSSES = {
     "clip": lambda a, b, scale, bias, backend: clip_loss(a, b, scale, backend=backend),
     "siglip": lambda a, b, scale, bias, backend: siglip_loss(a, b, scale, bias, backend=backend),
+}
+DISTRIBUTED_LOSSES = {
+    "clip": lambda a, b, scale, bias, backend, strategy:
+        distributed.clip_loss(a, b, scale, strategy=strategy, backend=backend),
+    "siglip": lambda a, b, scale, bias, backend, strategy:
+        distributed.siglip_loss(a, b, scale, bias, dist_impl=strategy, backend=backend),
 }
 
 
@@ -68,6 +79,9 @@ class Trainer:
                  tokenizer: Optional[Tokenizer] = None, train_data=None, eval_data: Optional[EvalSet] = None):
         c = self.config = config.validate()
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+        self.ranks = ranks.from_environment(self.device.type)
+        if self.device.type == "cuda" and self.ranks.world > 1:
+            self.device = torch.device("cuda", self.ranks.local_rank)
         bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda"
                                          and torch.cuda.is_bf16_supported())
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -88,6 +102,9 @@ class Trainer:
                                  f"vocabulary size ({self.tokenizer.vocab_size})")
             model = CLIPModel(mc)
         self.model = model.to(self.device)
+        if self.ranks.world > 1:
+            ranks.broadcast_parameters(self.model)
+            torch.manual_seed(seed_of(c.seed, "rank", self.ranks.rank))  # each rank its own dropout masks
         self.objectives = dict(c.objectives)
         self.batch_objectives = {k: w for k, w in self.objectives.items() if OBJECTIVES[k] == "batch"}
         self._check_model()
@@ -118,16 +135,21 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Linear warmup to lr over warmup_steps, then a cosine to lr · min_lr_ratio at `steps`."""
+        """Linear warmup to lr over warmup_steps, then a cosine down to lr · min_lr_ratio at the last
+        step (steps − 1). Extending a run (--resume --steps) stretches the cosine from there."""
         c = self.config
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
-        t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        t = (step + 1 - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
     def _contrastive(self, img: Tensor, txt: Tensor) -> dict:
+        """{name: scalar loss} of the batch objectives on image, text features (B, E)."""
         model, backend = self.model, self.config.backend
         scale = model.logit_scale.exp()
+        if self.ranks.world > 1:
+            return {name: DISTRIBUTED_LOSSES[name](img, txt, scale, model.logit_bias, backend, self.config.distributed)
+                    for name in self.batch_objectives}
         return {name: BATCH_LOSSES[name](img, txt, scale, model.logit_bias, backend)
                 for name in self.batch_objectives}
 
@@ -139,57 +161,77 @@ class Trainer:
 
     def backward(self, batch: Batch) -> dict:
         """Accumulates the gradients of the batch's weighted loss into .grad (in accum_steps
-        micro-batches) and returns the batch's loss values as floats."""
+        micro-batches) and returns the batch's loss values as floats: loss, and loss_NAME for
+        each objective (loss_mlm is 0 for a batch without masked words)."""
         k = self.config.accum_steps
         micro = batch.split(k)
-        losses: dict = {}
-        cached = None
-        if self.batch_objectives and k > 1:
-            rng, img, txt = [], [], []
-            with torch.no_grad(), self.autocast():
-                for mb in micro:
-                    rng.append(_rng_state())
-                    i, t, _ = self._features(mb)
-                    img.append(i)
-                    txt.append(t)
-            img = torch.cat(img).detach().requires_grad_()
-            txt = torch.cat(txt).detach().requires_grad_()
-            with self.autocast():
-                parts = self._contrastive(img, txt)
-            sum(self.objectives[n] * v for n, v in parts.items()).backward()
-            losses.update({n: float(v.detach()) for n, v in parts.items()})
-            cached = list(zip(rng, img.grad.float().chunk(k), txt.grad.float().chunk(k)))
+        losses = dict.fromkeys(self.objectives, 0.0)
+        cached = self._first_pass(micro, losses) if self.batch_objectives and k > 1 else None
         masked_total = batch.masked_tokens if "mlm" in self.objectives else 0
-        mlm = 0.0
         for j, mb in enumerate(micro):
             if cached:
-                _set_rng_state(cached[j][0])
+                _set_rng_state(cached[j].rng)
             with self.autocast():
-                img, txt, patches = self._features(mb)
-                total = img.new_zeros((), dtype=torch.float32)
-                if cached:
-                    total = total + (img.float() * cached[j][1]).sum() + (txt.float() * cached[j][2]).sum()
-                elif self.batch_objectives:
-                    parts = self._contrastive(img, txt)
-                    total = total + sum(self.objectives[n] * v for n, v in parts.items())
-                    losses.update({n: float(v.detach()) for n, v in parts.items()})
-                count = mb.masked_tokens if masked_total else 0
-                if count:
-                    _, hidden = self.model.text(mb.mlm_ids, mb.mask)
-                    part = self.model.fusion(hidden, patches, mb.mlm_labels, mb.mask) * (count / masked_total)
-                    total = total + self.objectives["mlm"] * part
-                    mlm += float(part.detach())
-            total.backward()
-        if masked_total:
-            losses["mlm"] = mlm
-        losses = {f"loss_{n}": v for n, v in losses.items()}
-        losses["loss"] = sum(self.objectives[n[5:]] * v for n, v in losses.items())
-        return losses
+                total = self._micro_loss(mb, cached[j] if cached else None, masked_total, losses)
+            if total.requires_grad:  # else nothing here can learn (frozen towers, no masked word)
+                total.backward()
+        out = {f"loss_{n}": v for n, v in losses.items()}
+        out["loss"] = sum(self.objectives[n] * v for n, v in losses.items())
+        return out
+
+    def _first_pass(self, micro: list, losses: dict) -> list:
+        """Feature caching: every micro-batch's features without a graph (the RNG state before
+        each saved), the batch objectives on all of them; backpropagates the scale and bias terms
+        and returns each micro-batch's (rng, ∂loss/∂image features, ∂loss/∂text features)."""
+        rng, img, txt = [], [], []
+        with torch.no_grad(), self.autocast():
+            for mb in micro:
+                rng.append(_rng_state())
+                i, t, _ = self._features(mb)
+                img.append(i)
+                txt.append(t)
+        img = torch.cat(img).detach().requires_grad_()
+        txt = torch.cat(txt).detach().requires_grad_()
+        with self.autocast():
+            weighted = self._weighted(self._contrastive(img, txt), losses)
+        weighted.backward()
+        k = len(micro)
+        return [_Cached(*parts) for parts in zip(rng, img.grad.float().chunk(k), txt.grad.float().chunk(k))]
+
+    def _micro_loss(self, mb: Batch, cache: Optional["_Cached"], masked_total: int, losses: dict) -> Tensor:
+        """This micro-batch's share of the weighted loss, as a graph: the batch objectives (or,
+        with a cache, its features · their cached gradients) and its masked words' share of the
+        batch's mean MLM loss (its mean × its count / the batch's count)."""
+        total = torch.zeros((), device=self.device)
+        patches = None
+        if self.batch_objectives:
+            img, txt, patches = self._features(mb)
+            if cache is not None:
+                total = total + (img.float() * cache.image_grad).sum() + (txt.float() * cache.text_grad).sum()
+            else:
+                total = total + self._weighted(self._contrastive(img, txt), losses)
+        count = mb.masked_tokens if masked_total else 0
+        if count:
+            if patches is None:
+                _, patches = self.model.visual(mb.images)
+            _, hidden = self.model.text(mb.mlm_ids, mb.mask)
+            part = self.model.fusion(hidden, patches, mb.mlm_labels, mb.mask) * (count / masked_total)
+            total = total + self.objectives["mlm"] * part
+            losses["mlm"] += float(part.detach())
+        return total
+
+    def _weighted(self, parts: dict, losses: dict) -> Tensor:
+        """Σ weight · loss over parts ({name: scalar loss}); records each value in losses."""
+        for name, value in parts.items():
+            losses[name] = float(value.detach())
+        return sum(self.objectives[n] * v for n, v in parts.items())
 
     def train_step(self, batch: Batch) -> dict:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         losses = self.backward(batch)
+        if self.ranks.world > 1:
+            ranks.average_gradients([p for p in self.model.parameters() if p.requires_grad], self.ranks.world)
         if self.config.grad_clip is not None:
             losses["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         self.optimizer.step()
@@ -202,10 +244,10 @@ class Trainer:
     def batches(self, start: int, stop: int):
         """(step, Batch on the device) for steps start..stop-1, a function of (seed, step) alone."""
         c = self.config
-        order = StepOrder(len(self.train_data), c.batch_size, c.seed, start, stop)
+        order = StepOrder(len(self.train_data), c.batch_size, c.seed, start, stop, self.ranks.rank, self.ranks.world)
         mlm_prob = c.mlm_prob if "mlm" in self.objectives else None
         for step, (images, captions) in enumerate(loader(self.train_data, order, c.workers), start):
-            generator = torch.Generator().manual_seed(c.seed * 7_919 + step)  # the step's MLM masks
+            generator = torch.Generator().manual_seed(seed_of(c.seed, "mlm", step))  # the step's MLM masks
             batch = build_batch(images, captions, self.tokenizer, self.model.config.text.max_len, mlm_prob, generator)
             yield step, batch.to(self.device)
 
@@ -214,19 +256,20 @@ class Trainer:
         steps and at the end, checkpointing every save_every steps and at the end. Returns the last
         evaluation's metrics ({} without eval data)."""
         c = self.config
+        main = self.ranks.main
         stop = c.steps if stop_after is None else min(c.steps, stop_after)
         os.makedirs(c.out_dir, exist_ok=True)
-        if self.step == 0:
+        if self.step == 0 and main:
             open(self.metrics_path, "w").close()
         deadline = None if c.max_minutes is None else time.monotonic() + 60 * c.max_minutes
-        bar = _progress(c, self.step)
+        bar = _progress(c, self.step) if main else _Quiet(silent=True)
         window, tick = [], time.perf_counter()
-        try:
+        with _deferred_interrupt() as interrupted, bar:
             for step, batch in self.batches(self.step, stop):
                 losses = self.train_step(batch)
                 window.append(losses)
                 now = time.perf_counter()
-                rate = c.batch_size / (now - tick)
+                rate = c.batch_size * self.ranks.world / (now - tick)
                 tick = now
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", samples_s=f"{rate:.0f}")
@@ -235,24 +278,33 @@ class Trainer:
                     self._log({"step": self.step, **row, "lr": self.lr_at(step), "samples_per_s": rate,
                                "logit_scale": float(self.model.logit_scale.detach().exp())})
                     window = []
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < stop and main:
                     bar.write(self._eval_line())
                 if c.save_every and self.step % c.save_every == 0:
                     self.save()
-                if deadline is not None and time.monotonic() > deadline:
+                late = deadline is not None and time.monotonic() > deadline
+                interrupt, late = self._agree(bool(interrupted), late)
+                if interrupt:
+                    self.save()
+                    bar.write(f"interrupted: checkpoint of step {self.step} in {self.checkpoint_path}")
+                    raise KeyboardInterrupt
+                if late:
                     bar.write(f"max_minutes ({c.max_minutes}) reached at step {self.step}")
                     break
-        except KeyboardInterrupt:
-            self.save()
-            bar.write(f"interrupted: checkpoint of step {self.step} in {self.checkpoint_path}")
-            raise
-        finally:
-            bar.close()
         self.save()
-        if self.eval_data is not None:
+        if self.eval_data is not None and main:
             print(self._eval_line(), file=sys.stderr)
-        plot_run(self.metrics_path, os.path.join(c.out_dir, "curves.png"))
+        if main:
+            plot_run(self.metrics_path, os.path.join(c.out_dir, "curves.png"))
         return self.last_eval
+
+    def _agree(self, *flags: bool) -> tuple:
+        """Each flag, true on every rank if it is true on any (ranks stop at the same step)."""
+        if self.ranks.world == 1:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
 
     def evaluate(self) -> dict:
         """Metrics on the eval data (EvalSet), now."""
@@ -262,6 +314,9 @@ class Trainer:
                         backend=self.config.backend)
 
     def chance(self) -> dict:
+        """The chance level of each metric evaluate() reports ({} without eval data)."""
+        if self.eval_data is None:
+            return {}
         return chance(self.tokenizer, self.eval_data, self.model.config.text.max_len,
                       mlm=getattr(self.model, "fusion", None) is not None)
 
@@ -271,12 +326,17 @@ class Trainer:
         return f"step {self.step}: " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in self.last_eval.items())
 
     def _log(self, row: dict) -> None:
+        if not self.ranks.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, path: Optional[str] = None) -> str:
+        """Writes the checkpoint (rank 0 only, under torchrun) and returns its path."""
         path = path or self.checkpoint_path
+        if not self.ranks.main:
+            return path
         checkpoint.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "step": self.step, "config": self.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
                          "model_config": dataclasses.asdict(self.model.config), "rng": _rng_state()}, path)
@@ -285,14 +345,16 @@ class Trainer:
     def load(self, path: str) -> "Trainer":
         """Restores weights, optimizer, step and RNG from a checkpoint; metrics.jsonl keeps only the
         rows up to its step (a run stopped after its last checkpoint logs those steps again)."""
-        state = checkpoint.load(path, map_location=self.device)
+        state = checkpoint.load(path)  # on the CPU: the RNG states must stay there; load_state_dict moves the rest
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         _set_rng_state(state["rng"])
-        if os.path.isfile(self.metrics_path):
+        if self.ranks.world > 1:  # the checkpoint holds rank 0's RNG: each rank its own stream again
+            torch.manual_seed(seed_of(self.config.seed, f"rank {self.ranks.rank}", self.step))
+        if os.path.isfile(self.metrics_path) and self.ranks.main:
             with open(self.metrics_path) as f:
-                rows = [line for line in f if json.loads(line)["step"] <= self.step]
+                rows = [line for line in f if _step_of(line) <= self.step]
             with open(self.metrics_path, "w") as f:
                 f.writelines(rows)
         return self
@@ -305,6 +367,21 @@ class Trainer:
         tokenizer = Tokenizer.from_dict(state["tokenizer"])
         model = CLIPModel(ModelConfig.from_dict(state["model_config"]))
         return cls(config, model=model, tokenizer=tokenizer).load(os.path.join(run_dir, "checkpoint.pt"))
+
+
+class _Cached(NamedTuple):
+    """A micro-batch's first pass: its RNG state, ∂loss/∂ its image and text features (b, E) fp32."""
+    rng: dict
+    image_grad: Tensor
+    text_grad: Tensor
+
+
+def _step_of(line: str) -> float:
+    """A metrics.jsonl row's step; a line cut short by a hard kill reads as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
 
 
 def _rng_state() -> dict:
@@ -320,6 +397,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C during a step is held until the step is done (a checkpoint saved mid-step would hold
+    half-updated weights and a mid-step RNG state): yields a list that is non-empty once it came.
+    A second Ctrl-C interrupts at once. Only the main thread can take signals: elsewhere, no-op."""
+    hits: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+
+    def handler(signum, frame):
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _progress(c: TrainConfig, initial: int):
     """A tqdm bar when tqdm is installed and wanted, else a stand-in that prints nothing but writes."""
     if c.progress:
@@ -333,7 +432,13 @@ def _progress(c: TrainConfig, initial: int):
 
 
 class _Quiet:
+    """A progress bar that draws nothing; its write() prints, unless silent (the other ranks)."""
+    def __init__(self, silent: bool = False): self.silent = silent
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
     def update(self, n): pass
     def set_postfix(self, **kw): pass
-    def write(self, s): print(s, file=sys.stderr)
-    def close(self): pass
+
+    def write(self, s):
+        if not self.silent:
+            print(s, file=sys.stderr)
