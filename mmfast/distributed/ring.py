@@ -8,8 +8,9 @@ the key blocks travel around the ring (rank r sends to r+1, receives from r−1)
 the next block overlapping the fused statistics of the current one (mmfast's contrastive_stats),
 which merge across blocks: softmax rows by logaddexp, sigmoid rows by sum. Backward: the blocks
 travel again, each with an fp32 accumulator of its gradient; every rank adds its rows'
-contribution (contrastive_stats_backward with the merged statistics) and passes it on; after W
-hops each accumulator is back at its owner, holding Σ over ranks of ∂L_rank/∂k. ∂/∂q, the scale
+contribution (contrastive_stats_backward with the merged statistics) and passes block and
+accumulator on; after W hops each accumulator is back at its owner, holding Σ over ranks of
+∂L_rank/∂k. ∂/∂q, the scale
 and the bias get this rank's rows' terms only (open_clip's local_loss + gather_with_grad
 gradients, which DDP then averages). Memory per rank: O((N + 2·max M_r)·D) whatever the world size.
 
@@ -47,8 +48,8 @@ class Ring:
                dist.P2POp(dist.irecv, buf, self.left, self.group, tag)]
         return dist.batch_isend_irecv(ops), buf
 
-    def shift(self, send: Tensor, recv_rows: int) -> Tensor:
-        works, buf = self.start(send, recv_rows, tag=1)
+    def shift(self, send: Tensor, recv_rows: int, tag: int = 0) -> Tensor:
+        works, buf = self.start(send, recv_rows, tag)
         for w in works:
             w.wait()
         return buf
@@ -83,13 +84,14 @@ class _RingRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row):
         q, k, scale, bias, positives, row = ctx.saved_tensors
-        ring, sigmoid = Ring(ctx.group), ctx.sigmoid
+        ring, sigmoid, sizes = Ring(ctx.group), ctx.sigmoid, ctx.sizes
         none = row.new_empty(0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dscale = torch.zeros((), dtype=torch.float32, device=q.device)
         dbias = torch.zeros((), dtype=torch.float32, device=q.device)
-        acc = None  # the gradient of the block in hand, summed over the ranks it has visited
-        for owner, block in ring.blocks(k.detach(), ctx.sizes):
+        block, acc = k.detach().contiguous(), None  # acc: the block's gradient, summed over the ranks it visited
+        for hop in range(ring.world):
+            owner = (ring.rank - hop) % ring.world
             da, db, ds, dbi = contrastive_stats_backward(
                 q.detach(), block, scale.detach(), None if bias is None else bias.detach(),
                 _positives(positives, owner == ring.rank, sigmoid), row, none, grad_row.contiguous(), none,
@@ -97,11 +99,19 @@ class _RingRows(torch.autograd.Function):
             dq += da
             dscale += ds
             dbias += dbi
-            acc = db.float() if acc is None else acc + db.float()
-            # to the right neighbour, whose next block this is; from the left, the next block's
-            # accumulator (after the last hop: this rank's own, complete)
-            if ring.world > 1:
-                acc = ring.shift(acc, ctx.sizes[(owner - 1) % ring.world])
+            acc = db.float() if acc is None else acc.add_(db)
+            del da, db
+            if ring.world == 1:
+                break
+            # The block and its accumulator go right together, once this rank's term is in: a
+            # prefetched next block would need a second block buffer from 3 ranks on, and the
+            # accumulator's transfer cannot overlap the computation that produces it anyway.
+            # After the last hop only the accumulators move, each to its owner.
+            rows = sizes[(owner - 1) % ring.world]
+            if hop < ring.world - 1:
+                block, acc = ring.shift(block, rows, tag=0), ring.shift(acc, rows, tag=1)
+            else:
+                acc = ring.shift(acc, rows, tag=1)
         return (dq.to(q.dtype), acc.to(k.dtype), dscale.reshape(scale.shape).to(scale.dtype),
                 None if bias is None else dbias.reshape(bias.shape).to(bias.dtype), None, None, None, None, None)
 
