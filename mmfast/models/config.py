@@ -65,8 +65,9 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, vocab_size: int) -> "ModelConfig":
         """`tiny` or `base`, for a tokenizer of vocab_size words."""
-        if name == "tiny":
-            return cls(text=TextConfig(vocab_size=vocab_size))
+        if name == "tiny":  # dropout 0.1: without it the demo's model memorises the seen colour–shape pairs
+            return cls(image=ImageConfig(dropout=0.1), text=TextConfig(vocab_size=vocab_size, dropout=0.1),
+                       fusion=FusionConfig(dropout=0.1))
         if name == "base":
             return cls(image=ImageConfig(image_size=224, patch_size=16, width=768, depth=12, heads=12, embed_dim=512),
                        text=TextConfig(vocab_size=vocab_size, max_len=77, width=768, depth=12, heads=12, embed_dim=512),

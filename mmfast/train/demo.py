@@ -3,6 +3,7 @@ within a time budget, and shows what it learned on held-out attribute combinatio
 after, beside chance; then what the fused losses save against the naive ones at a large batch."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -51,16 +52,24 @@ def table(header: list, rows: list) -> str:
 
 
 def steps_within(trainer: Trainer, seconds: float, eval_seconds: float, evals: int) -> int:
-    """Training steps that fit in `seconds` with `evals` evaluations, from the time of one step's
-    forward and backward (after a warm-up one); the gradients are discarded."""
-    batch = next(iter(trainer.batches(0, 1)))[1]
+    """Training steps that fit in `seconds` with `evals` evaluations: times 4 whole steps (data,
+    forward, backward, optimizer; the first a warm-up), then restores the weights, the optimizer
+    and the RNG, so training starts from where it was."""
+    model, optimizer = trainer.model, trainer.optimizer
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict())), torch.get_rng_state()
     times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        trainer.backward(batch)
+    start = time.perf_counter()
+    for _, batch in trainer.batches(0, 4):
+        trainer.train_step(batch)
         times.append(time.perf_counter() - start)
-        trainer.optimizer.zero_grad(set_to_none=True)
-    return max(10, int((seconds - evals * eval_seconds) / (1.25 * times[-1])))  # 1.25: the optimizer, data
+        start = time.perf_counter()
+    (weights, state), rng = saved
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state)
+    torch.set_rng_state(rng)
+    trainer.step = 0
+    per_step = 1.1 * statistics.median(times[1:])  # 1.1: logging, progress, a noisy machine
+    return max(10, int((seconds - evals * eval_seconds) / per_step))
 
 
 def fused_vs_naive(repeats: int = 2) -> list:
