@@ -174,6 +174,12 @@ def _mismatch_raises_on_every_rank(rank, world):
     sizes_differ = torch.randn(3 + rank, D)
     with pytest.raises(ValueError, match="strategy='gather' needs equal local batch sizes"):
         md.clip_loss(sizes_differ, sizes_differ, 5.0, strategy="gather")
+    with pytest.raises(ValueError, match=r"label_smoothing differs across ranks \(by rank: \[0, 100000000\]"):
+        md.clip_loss(a, a, 5.0, label_smoothing=0.1 * rank)
+    # a rank whose own input is bad: its error there, and on the others an error naming it, not a hang
+    empty = torch.randn(0 if rank == 1 else 4, D)
+    with pytest.raises(ValueError, match="empty batch" if rank == 1 else r"rank\(s\) \[1\] rejected their inputs"):
+        md.clip_loss(empty, empty, 5.0)
     md.clip_loss(a, a, 5.0)  # the group still works after the errors
 
 
@@ -199,26 +205,37 @@ def test_without_a_process_group_the_error_says_so():
 
 
 def _trainer_accumulates_across_ranks(rank, world, out_dir):
-    """Under a process group the Trainer's contrastive loss spans the ranks; accum_steps=2 gives the
-    gradients (averaged over the ranks, as the Trainer steps them) of accum_steps=1."""
+    """Under a process group the Trainer's contrastive loss spans the ranks: its step's gradients
+    (averaged over the ranks by train_step's own code path), with accum_steps 1 and 2, equal those
+    of one process on the two ranks' batches concatenated: the global CLIP loss plus the mean of
+    the ranks' MLM losses (dropout 0)."""
+    import copy
+
     from mmfast.train import TrainConfig, Trainer
-    from mmfast.train import ranks
     from tests.test_train import grads, small_model
 
     for strategy in ("ring", "gather"):
-        out = []
         for accum in (1, 2):
             torch.manual_seed(0)
             trainer = Trainer(TrainConfig(out_dir=out_dir, model=small_model(), train_size=128, eval_size=16,
                                           batch_size=16, accum_steps=accum, distributed=strategy, mlm_prob=0.3,
-                                          progress=False))
+                                          progress=False, grad_clip=None, lr=1e-30))
             assert trainer.ranks.world == world and trainer.ranks.rank == rank
-            batch = next(iter(trainer.batches(0, 1)))[1]
-            trainer.backward(batch)
-            ranks.average_gradients(list(trainer.model.parameters()), world)
-            out.append(grads(trainer.model))
-        for name in out[0]:
-            check(f"{strategy} {name} rank {rank}", out[1][name], out[0][name], 1e-5)
+            single = copy.deepcopy(trainer.model)
+            trainer.optimizer.step = lambda: None  # keep the gradients train_step averaged
+            trainer.optimizer.zero_grad = lambda set_to_none=True: None
+            trainer.train_step(next(iter(trainer.batches(0, 1)))[1])
+            got = grads(trainer.model)
+            parts = [next(iter(trainer.batches(0, 1, rank=r)))[1] for r in range(world)]
+            img, txt, mlm = [], [], 0.0
+            for b in parts:
+                pooled, patches = single.visual(b.images)
+                img.append(F.normalize(pooled, dim=-1))
+                txt.append(F.normalize(single.text(b.ids, b.mask)[0], dim=-1))
+                mlm = mlm + single.fusion(single.text(b.mlm_ids, b.mask)[1], patches, b.mlm_labels, b.mask) / world
+            (mmfast.clip_loss(torch.cat(img), torch.cat(txt), single.logit_scale.exp()) + mlm).backward()
+            for name, want in grads(single).items():
+                check(f"{strategy} accum {accum} {name} rank {rank}", got[name], want, 1e-5)
 
 
 def test_trainer_accumulation_across_ranks(tmp_path):

@@ -36,40 +36,68 @@ STRATEGIES = ("gather", "ring")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DEVICES = ("cpu", "cuda")
 _LOSSES = ("clip", "infonce", "siglip")
+# An agreed call's fields, as int64 (label smoothing in units of 1e-9); their names in errors.
+_FIELDS = ("input error", "loss", "feature size D", "dtype", "device type", "backward (any input requires grad)",
+           "strategy", "label_smoothing", "local_loss", "gather_with_grad", "backend")
+_NAMES = {"loss": _LOSSES, "dtype": _DTYPES, "device type": _DEVICES, "strategy": STRATEGIES,
+          "backend": _backends.BACKENDS}
 
 
-def _agree(group, loss: str, strategy: str, q: Tensor, k: Tensor, needs_backward: bool) -> list:
-    """All-gathers (D, dtype, device type, strategy, loss, backward, rows of q, rows of k) of every
-    rank; raises on every rank if any but the row counts differ. → [(rows of q, rows of k)] per rank."""
-    fields = {"feature size D": q.shape[1], "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
-              "device type": _DEVICES.index(q.device.type) if q.device.type in _DEVICES else -1,
-              "strategy": STRATEGIES.index(strategy), "loss": _LOSSES.index(loss),
-              "backward (any input requires grad)": int(needs_backward)}
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    mine = torch.tensor([*fields.values(), q.shape[0], k.shape[0]], dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
-    table = [t.tolist() for t in table]
-    names = {"dtype": _DTYPES, "device type": _DEVICES, "strategy": STRATEGIES, "loss": _LOSSES}
-    for j, name in enumerate(fields):
-        values = [row[j] for row in table]
-        if len(set(values)) > 1:
-            shown = [str(names[name][v]).replace("torch.", "") if name in names and v >= 0 else v for v in values]
-            raise ValueError(f"mmfast.distributed: {name} differs across ranks (by rank: {shown}); every rank must "
-                             f"call the same loss with the same strategy on features of the same size, dtype and "
-                             f"device type")
-    return [(row[-2], row[-1]) for row in table]
-
-
-def _setup(group, loss, strategy, q, k, scalars):
+def _agreed(group, loss: str, validate) -> tuple:
+    """Runs validate(group) → dict(q, k, scalars, strategy, eps, local_loss, gather_with_grad,
+    backend, …) on this rank, then all-gathers every rank's fields (or its input error) before any
+    other communication: a rank's bad input, or a difference between ranks in anything but the
+    batch sizes, raises on every rank instead of leaving the others waiting.
+    → (the dict, the group, this rank, [(rows of q, rows of k)] by rank)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("mmfast.distributed needs an initialised process group "
                            "(torch.distributed.init_process_group)")
-    _checks.choice("strategy", strategy, STRATEGIES)
     group = group or dist.group.WORLD
-    needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, *scalars))
-    sizes = _agree(group, loss, strategy, q, k, needs)
-    return group, dist.get_rank(group), sizes
+    try:
+        v, error = validate(group), None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        v, error = None, exc
+    if v is None:
+        mine = [1] + [-1] * (len(_FIELDS) + 1)
+    else:
+        q, k = v["q"], v["k"]
+        needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, *v["scalars"]))
+        mine = [0, _LOSSES.index(loss), q.shape[1], _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
+                _DEVICES.index(q.device.type) if q.device.type in _DEVICES else -1, int(needs),
+                STRATEGIES.index(v["strategy"]), round(v["eps"] * 1e9), int(v["local_loss"]),
+                int(v["gather_with_grad"]), _backends.BACKENDS.index(v["backend"]), q.shape[0], k.shape[0]]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor(mine, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    table = [t.tolist() for t in table]
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(table) if row[0]]
+    if failed:
+        raise ValueError(f"mmfast.distributed: rank(s) {failed} rejected their inputs (their own error says why); "
+                         f"no rank went on")
+    for j, name in enumerate(_FIELDS[1:], 1):
+        values = [row[j] for row in table]
+        if len(set(values)) > 1:
+            shown = [str(_NAMES[name][x]).replace("torch.", "") if name in _NAMES and x >= 0 else x for x in values]
+            raise ValueError(f"mmfast.distributed: {name} differs across ranks (by rank: {shown}); every rank must "
+                             f"make the same call on features of the same size, dtype and device type")
+    return v, group, dist.get_rank(group), [(row[-2], row[-1]) for row in table]
+
+
+def _backend(backend: Optional[str], device: torch.device) -> str:
+    """The rank's backend; "reference" runs as "torch": the ring needs the two primitives."""
+    name = _backends.select(backend, device)
+    return "torch" if name == "reference" else name
+
+
+def _strategy(strategy: str, group) -> str:
+    _checks.choice("strategy", strategy, STRATEGIES)
+    if strategy == "gather" and group is not dist.group.WORLD:
+        raise ValueError("strategy='gather' runs on the default (world) group only: the backward of "
+                         "torch.distributed.nn's all_gather maps group ranks as global ones; use strategy='ring'")
+    return strategy
 
 
 def _gather(x: Tensor, group, with_grad: bool, keep_own: bool) -> Tensor:
@@ -111,15 +139,22 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, log
     (its images against every text, its texts against every image, averaged); gather: open_clip's
     four modes by local_loss × gather_with_grad. The bias (open_clip passes none) shifts every
     logit of a row alike: the softmax ignores it, and its gradient is 0."""
-    a = _checks.features("image_features", image_features)
-    b = _checks.features("text_features", text_features, a, "image_features")
-    _checks.nonempty("image_features", a)
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"image_features and text_features must have the same rows (pairs), got {a.shape[0]} "
-                         f"and {b.shape[0]}")
-    scale, bias, eps = api._scale_bias_smoothing(logit_scale, logit_bias, label_smoothing, a.device)
-    group, rank, sizes = _setup(group, "clip", strategy, a, b, (scale, bias))
-    name = _backends.select(backend, a.device)
+    def validate(group):
+        a = _checks.features("image_features", image_features)
+        b = _checks.features("text_features", text_features, a, "image_features")
+        _checks.nonempty("image_features", a)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"image_features and text_features must have the same rows (pairs), got {a.shape[0]} "
+                             f"and {b.shape[0]}")
+        scale, bias, eps = api._scale_bias_smoothing(logit_scale, logit_bias, label_smoothing, a.device)
+        if _strategy(strategy, group) == "ring" and not (local_loss and gather_with_grad):
+            raise ValueError("strategy='ring' computes open_clip's local_loss=True, gather_with_grad=True mode; use "
+                             "strategy='gather' for the others")
+        return dict(q=a, k=b, scalars=(scale, bias), scale=scale, bias=bias, eps=eps, strategy=strategy,
+                    local_loss=local_loss, gather_with_grad=gather_with_grad, backend=_backend(backend, a.device))
+
+    v, group, rank, sizes = _agreed(group, "clip", validate)
+    a, b, scale, bias, eps, name = v["q"], v["k"], v["scale"], v["bias"], v["eps"], v["backend"]
     if strategy == "gather":
         _equal_sizes(sizes, "use strategy='ring'")
         all_a = _gather(a, group, gather_with_grad, keep_own=not local_loss)
@@ -130,9 +165,6 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, log
         loss = (api.infonce_loss(a, all_b, scale, labels=labels, label_smoothing=eps, backend=name)
                 + api.infonce_loss(b, all_a, scale, labels=labels, label_smoothing=eps, backend=name)) / 2
         return loss if bias is None else loss + 0 * bias
-    if not (local_loss and gather_with_grad):
-        raise ValueError("strategy='ring' computes open_clip's local_loss=True, gather_with_grad=True mode; use "
-                         "strategy='gather' for the others")
     rows = [m for _, m in sizes]
     row_img = ring_rows(a, b, scale, bias, False, rows, group, name)
     row_txt = ring_rows(b, a, scale, bias, False, rows, group, name)
@@ -153,14 +185,18 @@ def infonce_loss(query: Tensor, keys: Tensor, logit_scale, *, labels: Optional[T
     """This rank's one-directional InfoNCE: its queries (B_r, D) against every rank's keys (M_r, D).
     labels: (B_r,) int64 indexes of each query's positive among this rank's own keys (default
     arange(B_r)). Key gradients sum every rank's terms (as an autograd all_gather's)."""
-    q = _checks.features("query", query)
-    k = _checks.features("keys", keys, q, "query")
-    _checks.nonempty("query", q)
-    _checks.nonempty("keys", k)
-    labels = api._labels(labels, q.shape[0], k.shape[0], q.device)
-    scale, _, eps = api._scale_bias_smoothing(logit_scale, None, label_smoothing, q.device)
-    group, rank, sizes = _setup(group, "infonce", strategy, q, k, (scale,))
-    name = _backends.select(backend, q.device)
+    def validate(group):
+        q = _checks.features("query", query)
+        k = _checks.features("keys", keys, q, "query")
+        _checks.nonempty("query", q)
+        _checks.nonempty("keys", k)
+        scale, _, eps = api._scale_bias_smoothing(logit_scale, None, label_smoothing, q.device)
+        return dict(q=q, k=k, scalars=(scale,), scale=scale, eps=eps, strategy=_strategy(strategy, group),
+                    labels=api._labels(labels, q.shape[0], k.shape[0], q.device), local_loss=True,
+                    gather_with_grad=True, backend=_backend(backend, q.device))
+
+    v, group, rank, sizes = _agreed(group, "infonce", validate)
+    q, k, scale, eps, labels, name = v["q"], v["k"], v["scale"], v["eps"], v["labels"], v["backend"]
     rows = [m for _, m in sizes]
     offset = sum(rows[:rank])
     if strategy == "gather":
@@ -185,17 +221,21 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     against every rank's texts (M_r, D), positives on the diagonal of its own block, divided by
     B_r. dist_impl: open_clip's "bidir", "shift", "reduce", "gather" (one value and gradient
     between them: the first two run as the ring, the others as the all-gather) or "ring"."""
-    a = _checks.features("image_features", image_features)
-    b = _checks.features("text_features", text_features, a, "image_features")
-    _checks.nonempty("image_features", a)
-    if b.shape[0] < a.shape[0]:
-        raise ValueError(f"text_features needs at least as many rows as image_features (positives on the "
-                         f"diagonal), got {b.shape[0]} < {a.shape[0]}")
-    _checks.choice("dist_impl", dist_impl, tuple(SIGLIP_IMPLS))
-    strategy = SIGLIP_IMPLS[dist_impl]
-    scale, bias, _ = api._scale_bias_smoothing(logit_scale, logit_bias, 0.0, a.device)
-    group, rank, sizes = _setup(group, "siglip", strategy, a, b, (scale, bias))
-    name = _backends.select(backend, a.device)
+    def validate(group):
+        a = _checks.features("image_features", image_features)
+        b = _checks.features("text_features", text_features, a, "image_features")
+        _checks.nonempty("image_features", a)
+        if b.shape[0] < a.shape[0]:
+            raise ValueError(f"text_features needs at least as many rows as image_features (positives on the "
+                             f"diagonal), got {b.shape[0]} < {a.shape[0]}")
+        _checks.choice("dist_impl", dist_impl, tuple(SIGLIP_IMPLS))
+        scale, bias, _ = api._scale_bias_smoothing(logit_scale, logit_bias, 0.0, a.device)
+        return dict(q=a, k=b, scalars=(scale, bias), scale=scale, bias=bias, eps=0.0,
+                    strategy=_strategy(SIGLIP_IMPLS[dist_impl], group), local_loss=True, gather_with_grad=True,
+                    backend=_backend(backend, a.device))
+
+    v, group, rank, sizes = _agreed(group, "siglip", validate)
+    a, b, scale, bias, name, strategy = v["q"], v["k"], v["scale"], v["bias"], v["backend"], v["strategy"]
     rows = [m for _, m in sizes]
     positives = torch.arange(a.shape[0], device=a.device)
     if strategy == "gather":

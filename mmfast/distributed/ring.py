@@ -1,9 +1,9 @@
 """The ring: each rank's rows meet every rank's key block without any rank holding more than two
 blocks, and without any B × N logits.
 
-    row = ring_rows(q, k, scale, bias, sigmoid, sizes, group, backend)
+    row = ring_rows(q, k, scale, bias, sigmoid, key_rows, group, backend)
 
-q: (N, D) this rank's rows; k: (M_r, D) this rank's keys; sizes: every rank's key count. Forward:
+q: (N, D) this rank's rows; k: (M_r, D) this rank's keys; key_rows: every rank's key count. Forward:
 the key blocks travel around the ring (rank r sends to r+1, receives from r−1), the transfer of
 the next block overlapping the fused statistics of the current one (mmfast's contrastive_stats),
 which merge across blocks: softmax rows by logaddexp, sigmoid rows by sum. Backward: the blocks
@@ -39,52 +39,52 @@ class Ring:
         self.right = dist.get_global_rank(group, (self.rank + 1) % self.world)
         self.left = dist.get_global_rank(group, (self.rank - 1) % self.world)
 
-    def start(self, send: Tensor, recv_rows: int, tag: int = 0):
-        """Starts sending `send` right and receiving a (recv_rows, …) tensor from the left;
-        → (works, buffer): wait on the works before reading the buffer or freeing `send`. Blocks
-        and accumulators in flight together use different tags."""
-        buf = send.new_empty((recv_rows, *send.shape[1:]))
-        ops = [dist.P2POp(dist.isend, send, self.right, self.group, tag),
-               dist.P2POp(dist.irecv, buf, self.left, self.group, tag)]
-        return dist.batch_isend_irecv(ops), buf
+    def start(self, sends: list, recv_rows: int):
+        """Starts sending each tensor of `sends` right and receiving one like it, of recv_rows rows,
+        from the left (tag: its position) → (works, buffers): wait on the works before reading
+        the buffers or freeing `sends`."""
+        bufs = [t.new_empty((recv_rows, *t.shape[1:])) for t in sends]
+        ops = [dist.P2POp(dist.isend, t, self.right, self.group, tag) for tag, t in enumerate(sends)]
+        ops += [dist.P2POp(dist.irecv, b, self.left, self.group, tag) for tag, b in enumerate(bufs)]
+        return dist.batch_isend_irecv(ops), bufs
 
-    def shift(self, send: Tensor, recv_rows: int, tag: int = 0) -> Tensor:
-        works, buf = self.start(send, recv_rows, tag)
+    def shift(self, sends: list, recv_rows: int) -> list:
+        works, bufs = self.start(sends, recv_rows)
         for w in works:
             w.wait()
-        return buf
+        return bufs
 
-    def blocks(self, k: Tensor, sizes: list):
+    def blocks(self, k: Tensor, key_rows: list):
         """(owner, block) for each rank's key block in turn, starting with this rank's own; the
         next block's transfer runs while the caller computes on the current one."""
         block = k.contiguous()
         for hop in range(self.world):
             owner = (self.rank - hop) % self.world
-            pending = self.start(block, sizes[(owner - 1) % self.world]) if hop < self.world - 1 else None
+            pending = self.start([block], key_rows[(owner - 1) % self.world]) if hop < self.world - 1 else None
             yield owner, block
             if pending is not None:
                 for w in pending[0]:
                     w.wait()
-                block = pending[1]
+                block = pending[1][0]
 
 
 class _RingRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, scale, bias, positives, sigmoid, sizes, group, backend):
+    def forward(ctx, q, k, scale, bias, positives, sigmoid, key_rows, group, backend):
         ring = Ring(group)
         row = None
-        for owner, block in ring.blocks(k.detach(), sizes):
+        for owner, block in ring.blocks(k.detach(), key_rows):
             r, _ = contrastive_stats(q.detach(), block, scale.detach(), None if bias is None else bias.detach(),
                                      _positives(positives, owner == ring.rank, sigmoid), sigmoid, False, backend)
             row = r if row is None else (row + r if sigmoid else torch.logaddexp(row, r))
         ctx.save_for_backward(q, k, scale, bias, positives, row)
-        ctx.sigmoid, ctx.sizes, ctx.group, ctx.backend = sigmoid, sizes, group, backend
+        ctx.sigmoid, ctx.key_rows, ctx.group, ctx.backend = sigmoid, key_rows, group, backend
         return row
 
     @staticmethod
     def backward(ctx, grad_row):
         q, k, scale, bias, positives, row = ctx.saved_tensors
-        ring, sigmoid, sizes = Ring(ctx.group), ctx.sigmoid, ctx.sizes
+        ring, sigmoid, key_rows = Ring(ctx.group), ctx.sigmoid, ctx.key_rows
         none = row.new_empty(0)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dscale = torch.zeros((), dtype=torch.float32, device=q.device)
@@ -103,15 +103,15 @@ class _RingRows(torch.autograd.Function):
             del da, db
             if ring.world == 1:
                 break
-            # The block and its accumulator go right together, once this rank's term is in: a
-            # prefetched next block would need a second block buffer from 3 ranks on, and the
-            # accumulator's transfer cannot overlap the computation that produces it anyway.
-            # After the last hop only the accumulators move, each to its owner.
-            rows = sizes[(owner - 1) % ring.world]
+            # The block and its accumulator go right together (one batch_isend_irecv), once this
+            # rank's term is in: a prefetched next block would need a second block buffer from 3
+            # ranks on, and the accumulator cannot move before its term is added anyway. After
+            # the last hop only the accumulators move, each to its owner.
+            rows = key_rows[(owner - 1) % ring.world]
             if hop < ring.world - 1:
-                block, acc = ring.shift(block, rows, tag=0), ring.shift(acc, rows, tag=1)
+                block, acc = ring.shift([block, acc], rows)
             else:
-                acc = ring.shift(acc, rows, tag=1)
+                (acc,) = ring.shift([acc], rows)
         return (dq.to(q.dtype), acc.to(k.dtype), dscale.reshape(scale.shape).to(scale.dtype),
                 None if bias is None else dbias.reshape(bias.shape).to(bias.dtype), None, None, None, None, None)
 
@@ -123,7 +123,7 @@ def _positives(positives: Optional[Tensor], own: bool, sigmoid: bool) -> Optiona
     return positives if own else torch.full_like(positives, -1)
 
 
-def ring_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], sigmoid: bool, sizes: list, group,
+def ring_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], sigmoid: bool, key_rows: list, group,
               backend: str, positives: Optional[Tensor] = None) -> Tensor:
     """(N,) fp64 row statistics of q against every rank's keys (see the module docstring)."""
-    return _RingRows.apply(q, k, scale, bias, positives, sigmoid, sizes, group, backend)
+    return _RingRows.apply(q, k, scale, bias, positives, sigmoid, key_rows, group, backend)

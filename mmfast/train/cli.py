@@ -23,8 +23,15 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    from mmfast.train import TrainConfig, Trainer
-    from mmfast.train import demo
+    try:
+        return _run(args)
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
+    from mmfast.train import TrainConfig, Trainer, demo
 
     try:
         if args.command == "demo":
@@ -44,9 +51,6 @@ def run(args) -> int:
         metrics = trainer.fit()
     except KeyboardInterrupt:
         return 130
-    finally:
-        if torch.distributed.is_initialized():  # under torchrun
-            torch.distributed.destroy_process_group()
     if trainer.ranks.main:
         print({k: round(v, 4) for k, v in metrics.items()})
         print(f"run folder: {trainer.config.out_dir}")

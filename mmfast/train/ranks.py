@@ -30,9 +30,12 @@ def from_environment(device_type: str) -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         return Ranks()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":  # before NCCL starts: its collectives, and the CUDA RNG, use this device
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:
@@ -42,10 +45,13 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
 
 
 def average_gradients(params: list, world: int) -> None:
-    """Every parameter's .grad := its mean over the ranks (a missing .grad counts as 0, so every rank
-    reduces the same buffer)."""
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    """Every parameter's .grad := its mean over the ranks, a missing .grad counting as 0; a
+    parameter no rank has a gradient for keeps none (the optimizer then skips it, as in one
+    process). One all-reduce of the flat gradients and a has-gradient flag per parameter."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*grads, has])
     dist.all_reduce(flat)
-    flat /= world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
+    parts = flat.split([p.numel() for p in params] + [len(params)])
+    for p, g, any_rank in zip(params, parts[:-1], parts[-1].tolist()):
+        p.grad = (g / world).view_as(p) if any_rank else None

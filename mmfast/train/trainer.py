@@ -241,13 +241,15 @@ class Trainer:
         return losses
 
     # ---- the loop --------------------------------------------------------------------------------
-    def batches(self, start: int, stop: int):
-        """(step, Batch on the device) for steps start..stop-1, a function of (seed, step) alone."""
-        c = self.config
-        order = StepOrder(len(self.train_data), c.batch_size, c.seed, start, stop, self.ranks.rank, self.ranks.world)
+    def batches(self, start: int, stop: int, rank: Optional[int] = None):
+        """(step, Batch on the device) for steps start..stop-1 of this rank (or of `rank`): a
+        function of (seed, step, rank) alone."""
+        c, world = self.config, self.ranks.world
+        rank = self.ranks.rank if rank is None else rank
+        order = StepOrder(len(self.train_data), c.batch_size, c.seed, start, stop, rank, world)
         mlm_prob = c.mlm_prob if "mlm" in self.objectives else None
         for step, (images, captions) in enumerate(loader(self.train_data, order, c.workers), start):
-            generator = torch.Generator().manual_seed(seed_of(c.seed, "mlm", step))  # the step's MLM masks
+            generator = torch.Generator().manual_seed(seed_of(c.seed, "mlm", step * world + rank))  # its MLM masks
             batch = build_batch(images, captions, self.tokenizer, self.model.config.text.max_len, mlm_prob, generator)
             yield step, batch.to(self.device)
 
@@ -274,7 +276,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", samples_s=f"{rate:.0f}")
                 if self.step % c.log_every == 0 or self.step == stop:
-                    row = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+                    row = self._mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[-1]})
                     self._log({"step": self.step, **row, "lr": self.lr_at(step), "samples_per_s": rate,
                                "logit_scale": float(self.model.logit_scale.detach().exp())})
                     window = []
@@ -292,17 +294,31 @@ class Trainer:
                     bar.write(f"max_minutes ({c.max_minutes}) reached at step {self.step}")
                     break
         self.save()
+        if self.ranks.world > 1:
+            torch.distributed.barrier()  # the checkpoint is whole before any rank returns
         if self.eval_data is not None and main:
             print(self._eval_line(), file=sys.stderr)
         if main:
             plot_run(self.metrics_path, os.path.join(c.out_dir, "curves.png"))
         return self.last_eval
 
+    def _mean_over_ranks(self, row: dict) -> dict:
+        """The logged losses: their mean over the ranks (one process: as they are)."""
+        if self.ranks.world == 1:
+            return row
+        t = torch.tensor(list(row.values()), dtype=torch.float64, device=self._collective_device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(row, (t / self.ranks.world).tolist()))
+
+    @property
+    def _collective_device(self):
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
     def _agree(self, *flags: bool) -> tuple:
         """Each flag, true on every rank if it is true on any (ranks stop at the same step)."""
         if self.ranks.world == 1:
             return flags
-        t = torch.tensor(flags, dtype=torch.int32, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor(flags, dtype=torch.int32, device=self._collective_device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
