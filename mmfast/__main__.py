@@ -1,6 +1,9 @@
 """Command line:
-  python -m mmfast demo                          pretrain a tiny model on `shapes`, show what it learned
+  python -m mmfast demo [--all]                  pretrain a tiny model on `shapes`, show what it learned
+                                                 (--all: then fine-tune every task, one table)
   python -m mmfast train --config cfg.json       train (a JSON TrainConfig); --resume RUN_DIR continues
+  python -m mmfast finetune --task T --from RUN   classify | retrieve | vqa | generate on a pretrained run
+  python -m mmfast generate --from RUN --prompt "a red circle"   draw images for a caption (a PNG)
   python -m mmfast info                          versions and which backends run here (and why not)
   python -m mmfast eval-retrieval ...            retrieval metrics from .npy embeddings
 """
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         return info()
     if args.command == "eval-retrieval":
         return eval_cli.run(args)
-    if args.command in ("train", "demo"):
+    if args.command in ("train", "demo", "finetune", "generate"):
         return train_cli.run(args)
     return 2
 

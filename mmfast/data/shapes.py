@@ -19,6 +19,9 @@ SIZES = ("small", "large")
 HELD_OUT = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"),
                       ("yellow", "triangle"), ("magenta", "circle"), ("cyan", "square")})
 TEMPLATES = ("a {}", "a small {}", "a large {}")
+# The words of the visual questions (mmfast.data.questions) that captions do not use, and their answers'.
+QUESTION_WORDS = ("what", "colour", "shape", "is", "the", "object", "how", "many", "shapes", "are", "there", "?",
+                  "yes", "no", "one", "two", "three")
 
 # An object's half-extent (circle radius, half the square's side, the triangle's half-base and
 # half-height) as a fraction of the image size.
@@ -52,11 +55,12 @@ class Shapes(torch.utils.data.Dataset):
         captions: list of N str, e.g. "a small red circle above a large blue square"
         objects: list of N tuples of Obj, in the order the caption names them
         labels: (N,) int64, the class (see classnames()) of the first object
-    Items are (image: (3, H, W) float32 in [0, 1], caption: str).
+    Items are (image: (3, H, W) float32 in [0, 1], caption: str). centred: one object per image,
+    at its centre (what a text-to-image generator is asked to draw).
     """
 
     def __init__(self, split: str = "train", size: int = 10000, *, seed: int = 0, image_size: int = 32,
-                 min_shapes: int = 1, max_shapes: int = 3):
+                 min_shapes: int = 1, max_shapes: int = 3, centred: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size < 1:
@@ -67,10 +71,14 @@ class Shapes(torch.utils.data.Dataset):
             raise ValueError(f"min_shapes must be between 1 and 3, got {min_shapes}")
         if not min_shapes <= max_shapes <= 3:
             raise ValueError(f"max_shapes must be between min_shapes ({min_shapes}) and 3, got {max_shapes}")
+        if centred and max_shapes != 1:
+            raise ValueError(f"centred=True draws one object at the image's centre: max_shapes must be 1, got {max_shapes}")
         self.split = split
         self.image_size = image_size
         rng = np.random.default_rng([seed, SPLITS.index(split)])
         counts, size_ids, class_ids, xy = _layout(rng, split, size, image_size, min_shapes, max_shapes)
+        if centred:
+            xy[:, 0] = image_size / 2
         self.images = torch.from_numpy(_draw(rng, counts, size_ids, class_ids, xy, image_size))
         self.objects = [_objects(k, s, c, p) for k, s, c, p in
                         zip(counts.tolist(), size_ids.tolist(), class_ids.tolist(), xy.tolist())]
@@ -97,7 +105,7 @@ class Shapes(torch.utils.data.Dataset):
     @staticmethod
     def vocabulary() -> list[str]:
         """Every word a caption can contain, in a fixed order."""
-        return Shapes.attribute_words() + ["a", "above", "below", "left", "right", "of", ",", "and"]
+        return Shapes.attribute_words() + ["a", "above", "below", "left", "right", "of", ",", "and", *QUESTION_WORDS]
 
 
 def _layout(rng: np.random.Generator, split: str, n: int, image_size: int, min_shapes: int, max_shapes: int):

@@ -11,8 +11,10 @@ from typing import Optional, Union
 
 # Objectives by name. "batch" objectives compare every image with every caption of the batch, so
 # feature-cached accumulation computes them once on the whole batch; "sample" objectives are sums
-# over samples, computed per micro-batch.
-OBJECTIVES = {"clip": "batch", "siglip": "batch", "mlm": "sample"}
+# over samples, computed per micro-batch; a "task" (mmfast.tasks: a head, its data and its
+# evaluation, usually on a pretrained checkpoint, init_from) is trained alone.
+OBJECTIVES = {"clip": "batch", "siglip": "batch", "mlm": "sample",
+              "classify": "task", "retrieve": "task", "vqa": "task", "generate": "task"}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -29,6 +31,10 @@ class TrainConfig:
     # image size and the longest caption come from it (image.image_size, text.max_len)
     model: Union[str, dict] = "tiny"
     objectives: dict = field(default_factory=lambda: {"clip": 1.0, "mlm": 1.0})
+    # a checkpoint (or a run folder holding checkpoint.pt) whose model and tokenizer the run starts
+    # from (fine-tuning); its optimizer state and step are not taken
+    init_from: Optional[str] = None
+    task_options: dict = field(default_factory=dict)  # a task objective's options (mmfast.tasks: each task's defaults)
     steps: int = 1000
     max_minutes: Optional[float] = None  # stop (and checkpoint) at this wall time even before `steps`
     batch_size: int = 256
@@ -85,6 +91,21 @@ class TrainConfig:
                 raise ValueError(f"objectives: unknown objective {name!r}; choose from {sorted(OBJECTIVES)}")
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
                 raise ValueError(f"objectives[{name!r}] must be a finite weight > 0, got {weight!r}")
+        tasks = [name for name in self.objectives if OBJECTIVES[name] == "task"]
+        if tasks and len(self.objectives) > 1:
+            raise ValueError(f"objectives: the task {tasks[0]!r} is trained alone, got {sorted(self.objectives)}")
+        if tasks and self.data != "shapes":
+            raise ValueError(f"objectives: the task {tasks[0]!r} runs on data='shapes' (its questions, labels and "
+                             f"held-out classes come from it), got data={self.data!r}")
+        if tasks and self.accum_steps != 1:
+            raise ValueError(f"accum_steps must be 1 for the task {tasks[0]!r} (accumulation serves the "
+                             f"contrastive pretraining objectives), got {self.accum_steps}")
+        if not isinstance(self.task_options, dict):
+            raise ValueError(f"task_options must be a dict of a task's options, got {self.task_options!r}")
+        if self.task_options and not tasks:
+            raise ValueError("task_options are given but objectives hold no task (classify, retrieve, vqa, generate)")
+        if self.init_from is not None:
+            checkpoint_path(self.init_from, "init_from")
         for name in ("lr", "weight_decay", "min_lr_ratio", "mlm_prob"):
             if not isinstance(getattr(self, name), (int, float)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
@@ -123,3 +144,17 @@ class TrainConfig:
         if not isinstance(self.model, (str, dict)):
             raise ValueError(f"model must be a preset name or a dict of ModelConfig fields, got {self.model!r}")
         return self
+
+    @property
+    def task(self) -> Optional[str]:
+        """The task objective's name, or None for pretraining."""
+        return next((name for name in self.objectives if OBJECTIVES.get(name) == "task"), None)
+
+
+def checkpoint_path(path: str, what: str = "path") -> str:
+    """A checkpoint file, or a run folder's checkpoint.pt; FileNotFoundError naming `what` otherwise."""
+    candidate = os.path.join(path, "checkpoint.pt") if isinstance(path, str) and os.path.isdir(path) else path
+    if not isinstance(candidate, str) or not os.path.isfile(candidate):
+        raise FileNotFoundError(f"{what}: no checkpoint at {path!r} (expected a checkpoint file or a run folder "
+                                f"holding checkpoint.pt)")
+    return candidate

@@ -86,11 +86,11 @@ def collate(items: list) -> tuple[Tensor, list]:
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
-def loader(dataset, order: StepOrder, workers: int) -> torch.utils.data.DataLoader:
+def loader(dataset, order: StepOrder, workers: int, collate_fn=collate) -> torch.utils.data.DataLoader:
     # Its own generator (it seeds the workers): drawing from the global RNG would shift the dropout
     # masks of a resumed run against an uninterrupted one.
     generator = torch.Generator().manual_seed(seed_of(order.seed, "workers", order.start))
-    return torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate_fn, num_workers=workers,
                                        generator=generator)
 
 
@@ -123,16 +123,21 @@ def datasets(data: str, eval_data: Optional[str], train_size: int, eval_size: in
     """(train pairs, eval pairs or None, zero-shot images or None) from the config's data fields;
     the eval pairs keep one pair per distinct caption (distinct_captions).
     shapes: the train split; the test split's pairs (each image holds a held-out combination); and
-    single-object images of all 18 classes, a third of them held-out combinations, two thirds seen
-    ones (fresh draws), so that an image-blind classifier scores 1/18."""
+    the zero-shot images (zero_shot_images)."""
     if data == "shapes":
-        held = Shapes("test", eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
-        seen = Shapes("train", eval_size - eval_size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
         pairs = distinct_captions(Shapes("test", eval_size, seed=seed, image_size=image_size))
         return (Shapes("train", train_size, seed=seed, image_size=image_size), pairs,
-                LabeledImages([held, seen], [True, False]))
+                zero_shot_images(eval_size, seed, image_size))
     train = CaptionFiles(data, image_size=image_size)
     return train, (distinct_captions(CaptionFiles(eval_data, image_size=image_size)) if eval_data else None), None
+
+
+def zero_shot_images(size: int, seed: int, image_size: int) -> LabeledImages:
+    """`size` single-object images of all 18 classes, a third of them held-out combinations, two
+    thirds seen ones (fresh draws), so that an image-blind classifier scores 1/18."""
+    held = Shapes("test", size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
+    seen = Shapes("train", size - size // 3, seed=seed + 1, image_size=image_size, max_shapes=1)
+    return LabeledImages([held, seen], [True, False])
 
 
 def tokenizer_for(data: str, train) -> Tokenizer:

@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from mmfast._memory import peak_growth
 from mmfast.contrastive import clip_loss
 from mmfast.cross_entropy import linear_cross_entropy
+from mmfast.tasks import TASKS
 from mmfast.train.config import TrainConfig
 from mmfast.train.trainer import Trainer
 
@@ -55,8 +57,9 @@ def steps_within(trainer: Trainer, seconds: float, eval_seconds: float, evals: i
     """Training steps that fit in `seconds` with `evals` evaluations: times 4 whole steps (data,
     forward, backward, optimizer; the first a warm-up), then restores the weights, the optimizer
     and the RNG, so training starts from where it was."""
-    model, optimizer = trainer.model, trainer.optimizer
-    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict())), torch.get_rng_state()
+    modules = [m for m in (trainer.model, trainer.task) if m is not None]  # a task's head and buffers too
+    optimizer = trainer.optimizer
+    saved = copy.deepcopy(([m.state_dict() for m in modules], optimizer.state_dict())), torch.get_rng_state()
     times = []
     start = time.perf_counter()
     for _, batch in trainer.batches(0, 4):
@@ -64,7 +67,8 @@ def steps_within(trainer: Trainer, seconds: float, eval_seconds: float, evals: i
         times.append(time.perf_counter() - start)
         start = time.perf_counter()
     (weights, state), rng = saved
-    model.load_state_dict(weights)
+    for m, w in zip(modules, weights):
+        m.load_state_dict(w)
     optimizer.load_state_dict(state)
     torch.set_rng_state(rng)
     trainer.step = 0
@@ -112,7 +116,34 @@ def fused_vs_naive(repeats: int = 2) -> list:
     return rows
 
 
-def run(out_dir: str, minutes: float, seed: int = 0, fused: bool = True) -> int:
+def run(out_dir: str, minutes: float, seed: int = 0, fused: bool = True, tasks_minutes: Optional[float] = None) -> int:
+    """Pretrains in out_dir and prints its tables; with tasks_minutes, then fine-tunes every task
+    (mmfast.tasks) on the result, each in OUT_DIR/finetune-TASK, and prints one table of them."""
+    start = time.perf_counter()
+    pretrain(out_dir, minutes, seed, fused)
+    if tasks_minutes is None:
+        return 0
+    from mmfast.train.finetune import finetune, finetune_config
+
+    rows = []
+    for task in TASKS:
+        print(f"\n== {task} ({tasks_minutes:g} min of training on the pretrained model)")
+        summary = finetune(finetune_config(task, out_dir, minutes=tasks_minutes, seed=seed))
+        head = next(r for r in summary["metrics"] if r["metric"] == summary["headline"])
+        rows.append({"task": task, **head, "steps": summary["steps"], "train_seconds": summary["train_seconds"]})
+    print(f"\nevery task, on held-out combinations (%; {(time.perf_counter() - start) / 60:.1f} min in all)")
+    print(table(["task", "metric", "result", "baseline", "chance", "training s"],
+                [[r["task"], r["metric"], f"{100 * r['after']:.1f}", f"{100 * r['baseline']:.1f}",
+                  f"{100 * r['chance']:.1f}", f"{r['train_seconds']:.0f}"] for r in rows]))
+    print("baseline: classify: the zero-shot accuracy of the same checkpoint; retrieve: the checkpoint before\n"
+          "fine-tuning; vqa: the most frequent answer of each question type; generate: images drawn from\n"
+          "shuffled captions (judged by the pretrained model's zero-shot classifier).")
+    with open(os.path.join(out_dir, "tasks.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0
+
+
+def pretrain(out_dir: str, minutes: float, seed: int = 0, fused: bool = True) -> None:
     torch.manual_seed(seed)
     config = demo_config(out_dir, minutes, seed)
     where = "a GPU" if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
@@ -153,4 +184,3 @@ def run(out_dir: str, minutes: float, seed: int = 0, fused: bool = True) -> int:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nrun folder: {os.path.abspath(out_dir)} (checkpoint.pt, metrics.jsonl, curves.png, summary.json)")
-    return 0

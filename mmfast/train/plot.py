@@ -6,6 +6,12 @@ import json
 from typing import Optional
 
 
+# The evaluation curves of a pretraining run; MAX_CURVES: at most this many of a task's metrics.
+PRETRAINING = ("text_to_image_R@5", "image_to_text_R@5", "zero_shot_top1_held_out", "mlm_accuracy",
+               "mlm_accuracy_blank_image")
+MAX_CURVES = 8
+
+
 def read_metrics(path: str) -> tuple[list, list]:
     """(training rows, evaluation rows) of a metrics.jsonl."""
     train, evals = [], []
@@ -33,13 +39,14 @@ def plot_run(metrics_path: str, png_path: str) -> Optional[str]:
         left.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
     left.set(xlabel="step", ylabel="loss", title="training loss")
     left.legend()
-    for key in ("text_to_image_R@5", "image_to_text_R@5", "zero_shot_top1_held_out", "mlm_accuracy",
-                "mlm_accuracy_blank_image"):
+    present = sorted({k for r in evals for k in r["eval"]})
+    keys = [k for k in PRETRAINING if k in present] or present[:MAX_CURVES]  # a task's run: its own metrics
+    for key in keys:
         rows = [r for r in evals if key in r["eval"]]
-        if rows:
-            right.plot([r["step"] for r in rows], [100 * r["eval"][key] for r in rows], marker="o", label=key)
+        right.plot([r["step"] for r in rows], [100 * r["eval"][key] for r in rows], marker="o", label=key)
     right.set(xlabel="step", ylabel="%", title="held-out evaluation")
-    right.legend()
+    if keys:
+        right.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -35,7 +35,8 @@ from mmfast.contrastive import clip_loss, siglip_loss
 from mmfast.data import COLORS, SHAPES, SIZES, TEMPLATES, Shapes, Tokenizer
 from mmfast.models import CLIPModel, ModelConfig
 from mmfast.train import checkpoint, ranks
-from mmfast.train.config import OBJECTIVES, TrainConfig
+from mmfast.tasks import task_class
+from mmfast.train.config import OBJECTIVES, TrainConfig, checkpoint_path
 from mmfast.train.data import Batch, StepOrder, build_batch, datasets, loader, seed_of, tokenizer_for
 from mmfast.train.evaluate import EvalSet, chance, evaluate
 from mmfast.train.plot import plot_run
@@ -86,8 +87,15 @@ class Trainer:
                                          and torch.cuda.is_bf16_supported())
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=bf16)
         torch.manual_seed(c.seed)
+        if c.init_from is not None and model is None:
+            model, start_tokenizer = pretrained(c.init_from)
+            tokenizer = tokenizer or start_tokenizer
         mc = model.config if model is not None else model_config(c)
-        if train_data is None:
+        self.task = None
+        if c.task is not None:
+            self.task = task_class(c.task)(model, tokenizer, c, self.device, self.autocast, c.task_options)
+            train_data = self.task.train_data()
+        elif train_data is None:
             train_data, pairs, zero_shot = datasets(c.data, c.eval_data, c.train_size, c.eval_size,
                                                     mc.image.image_size, c.seed)
             if eval_data is None and pairs is not None:
@@ -102,14 +110,22 @@ class Trainer:
                                  f"vocabulary size ({self.tokenizer.vocab_size})")
             model = CLIPModel(mc)
         self.model = model.to(self.device)
+        if self.task is not None:
+            self.task.to(self.device)
+            if self.task.frozen_backbone:
+                self.model.requires_grad_(False).eval()  # eval: no dropout in the frozen features
         if self.ranks.world > 1:
             ranks.broadcast_parameters(self.model)
+            if self.task is not None:
+                ranks.broadcast_parameters(self.task)
             torch.manual_seed(seed_of(c.seed, "rank", self.ranks.rank))  # each rank its own dropout masks
         self.objectives = dict(c.objectives)
         self.batch_objectives = {k: w for k, w in self.objectives.items() if OBJECTIVES[k] == "batch"}
-        self._check_model()
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms, scale
+        if self.task is None:
+            self._check_model()
+        self.params = [p for m in (self.model, self.task) if m is not None for p in m.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]  # biases, norms, scale
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
         self.step = 0
@@ -159,10 +175,19 @@ class Trainer:
         text, _ = self.model.text(mb.ids, mb.mask)
         return F.normalize(pooled, dim=-1), F.normalize(text, dim=-1), patches
 
-    def backward(self, batch: Batch) -> dict:
+    def backward(self, batch) -> dict:
         """Accumulates the gradients of the batch's weighted loss into .grad (in accum_steps
         micro-batches) and returns the batch's loss values as floats: loss, and loss_NAME for
-        each objective (loss_mlm is 0 for a batch without masked words)."""
+        each objective (loss_mlm is 0 for a batch without masked words); a task's batch (a dict):
+        loss and loss_PART for each part of its loss."""
+        if self.task is not None:
+            with self.autocast():
+                parts = self.task.losses(self.model, batch)
+            weight = self.objectives[self.task.name]
+            (weight * sum(parts.values())).backward()
+            out = {f"loss_{n}": float(v.detach()) for n, v in parts.items()}
+            out["loss"] = weight * sum(out.values())
+            return out
         k = self.config.accum_steps
         micro = batch.split(k)
         losses = dict.fromkeys(self.objectives, 0.0)
@@ -226,14 +251,16 @@ class Trainer:
             losses[name] = float(value.detach())
         return sum(self.objectives[n] * v for n, v in parts.items())
 
-    def train_step(self, batch: Batch) -> dict:
+    def train_step(self, batch) -> dict:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        if self.task is not None:
+            self.task.prepare(self.model, self.step)
         losses = self.backward(batch)
         if self.ranks.world > 1:
-            ranks.average_gradients([p for p in self.model.parameters() if p.requires_grad], self.ranks.world)
+            ranks.average_gradients(self.params, self.ranks.world)
         if self.config.grad_clip is not None:
-            losses["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+            losses["grad_norm"] = float(nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
@@ -247,6 +274,11 @@ class Trainer:
         c, world = self.config, self.ranks.world
         rank = self.ranks.rank if rank is None else rank
         order = StepOrder(len(self.train_data), c.batch_size, c.seed, start, stop, rank, world)
+        if self.task is not None:
+            for step, batch in enumerate(loader(self.train_data, order, c.workers, self.task.collate), start):
+                yield step, {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v
+                             for k, v in batch.items()}
+            return
         mlm_prob = c.mlm_prob if "mlm" in self.objectives else None
         for step, (images, captions) in enumerate(loader(self.train_data, order, c.workers), start):
             generator = torch.Generator().manual_seed(seed_of(c.seed, "mlm", step * world + rank))  # its MLM masks
@@ -296,7 +328,7 @@ class Trainer:
         self.save()
         if self.ranks.world > 1:
             torch.distributed.barrier()  # the checkpoint is whole before any rank returns
-        if self.eval_data is not None and main:
+        if (self.eval_data is not None or self.task is not None) and main:
             print(self._eval_line(), file=sys.stderr)
         if main:
             plot_run(self.metrics_path, os.path.join(c.out_dir, "curves.png"))
@@ -323,7 +355,9 @@ class Trainer:
         return tuple(bool(v) for v in t.tolist())
 
     def evaluate(self) -> dict:
-        """Metrics on the eval data (EvalSet), now."""
+        """Metrics on the eval data (EvalSet) or the task's, now."""
+        if self.task is not None:
+            return self.task.evaluate(self.model)
         if self.eval_data is None:
             return {}
         return evaluate(self.model, self.tokenizer, self.eval_data, device=self.device, autocast=self.autocast,
@@ -331,6 +365,8 @@ class Trainer:
 
     def chance(self) -> dict:
         """The chance level of each metric evaluate() reports ({} without eval data)."""
+        if self.task is not None:
+            return self.task.chance()
         if self.eval_data is None:
             return {}
         return chance(self.tokenizer, self.eval_data, self.model.config.text.max_len,
@@ -354,6 +390,7 @@ class Trainer:
         if not self.ranks.main:
             return path
         checkpoint.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "task": self.task.state_dict() if self.task is not None else None,
                          "step": self.step, "config": self.config.to_dict(), "tokenizer": self.tokenizer.to_dict(),
                          "model_config": dataclasses.asdict(self.model.config), "rng": _rng_state()}, path)
         return path
@@ -363,6 +400,8 @@ class Trainer:
         rows up to its step (a run stopped after its last checkpoint logs those steps again)."""
         state = checkpoint.load(path)  # on the CPU: the RNG states must stay there; load_state_dict moves the rest
         self.model.load_state_dict(state["model"])
+        if self.task is not None:
+            self.task.load_state_dict(state["task"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         _set_rng_state(state["rng"])
@@ -383,6 +422,14 @@ class Trainer:
         tokenizer = Tokenizer.from_dict(state["tokenizer"])
         model = CLIPModel(ModelConfig.from_dict(state["model_config"]))
         return cls(config, model=model, tokenizer=tokenizer).load(os.path.join(run_dir, "checkpoint.pt"))
+
+
+def pretrained(path: str) -> tuple[CLIPModel, Tokenizer]:
+    """The CLIPModel (its weights) and the tokenizer of a checkpoint or a run folder's checkpoint.pt."""
+    state = checkpoint.load(checkpoint_path(path, "init_from"))
+    model = CLIPModel(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model, Tokenizer.from_dict(state["tokenizer"])
 
 
 class _Cached(NamedTuple):
