@@ -9,7 +9,7 @@ DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy ninja cmake setuptools wheel \
 # Peers compared in the benchmarks; only open_clip's loss.py is loaded (benchmarks/peers.py).
 PEERS   := open-clip-torch
 
-.PHONY: setup demo test bench bench-contrastive bench-cross-entropy bench-similarity bench-accumulation clean
+.PHONY: setup demo demo-all test bench bench-contrastive bench-cross-entropy bench-similarity bench-accumulation clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*)
 # training), then the held-out table and the fused-vs-naive loss table; the run folder is runs/demo.
 demo: setup
 	$(PYBIN) -m mmfast demo
+
+# The demo, then every fine-tuning task and text-to-image generation on its model (about 12 minutes).
+demo-all: setup
+	$(PYBIN) -m mmfast demo --all
 
 test: setup
 	$(PYBIN) -m pytest -q -ra tests

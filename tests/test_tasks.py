@@ -192,6 +192,11 @@ def test_task_config_errors(fields, message):
         TrainConfig(**fields).validate()
 
 
+def test_a_task_needs_a_model(tmp_path):
+    with pytest.raises(ValueError, match="set init_from"):
+        Trainer(TrainConfig(out_dir=str(tmp_path), objectives={"generate": 1.0}, **SMALL))
+
+
 def test_unknown_or_mistyped_task_option(pretrained, tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
         task_trainer(pretrained, tmp_path, "classify", options={"shot": 2})
@@ -211,3 +216,36 @@ def test_finetune_writes_its_summary(pretrained, tmp_path):
     keys = {r["metric"] for r in summary["metrics"]}
     assert summary["headline"] in keys and all(r["baseline"] is not None for r in summary["metrics"])
     assert os.path.isfile(tmp_path / "ft" / "checkpoint.pt")
+
+
+def test_finetune_command_line(pretrained, tmp_path, capsys):
+    from mmfast.__main__ import main
+
+    assert main(["finetune", "--task", "classify", "--from", "/no/such/run"]) == 2
+    assert "--from: no checkpoint" in capsys.readouterr().err
+    assert main(["finetune", "--task", "classify", "--from", pretrained, "--option", "shots"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+    assert main(["finetune", "--task", "classify", "--from", pretrained, "--option", "head=lineer"]) == 2
+    assert "['head'] must be one of" in capsys.readouterr().err
+    out = str(tmp_path / "cli")
+    assert main(["finetune", "--task", "classify", "--from", pretrained, "--out", out, "--minutes", "0.02",
+                 "--option", "shots=2", "--option", "freeze_backbone=true"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["config"]["task_options"] == {"shots": 2, "freeze_backbone": True}
+    assert "classify_top1_held_out" in capsys.readouterr().out
+
+
+def test_generate_command_line(pretrained, tmp_path, capsys):
+    from mmfast.__main__ import main
+
+    run = os.path.join(pretrained, "finetune-generate")  # where `generate --from RUN` looks for its generator
+    Trainer(TrainConfig(out_dir=run, objectives={"generate": 1.0}, init_from=pretrained, steps=2,
+                        task_options={"width": 16}, **SMALL)).fit()
+    png = str(tmp_path / "out.png")
+    assert main(["generate", "--from", pretrained, "--prompt", "a large red zebra", "--n", "3", "--out", png]) == 0
+    out = capsys.readouterr().out
+    assert "['zebra']" in out and "3 images" in out
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["generate", "--from", run, "--prompt", "a red circle", "--n", "0", "--out", png]) == 2

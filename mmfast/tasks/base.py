@@ -38,6 +38,8 @@ class Task(nn.Module):
     frozen_backbone = False
     # TrainConfig values that suit the task: `python -m mmfast finetune` starts from them
     recipe: dict = {}
+    # AdamW's betas for this task's run
+    betas = (0.9, 0.999)
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, config, device: torch.device,
                  autocast: Optional[Callable] = None, options: Optional[dict] = None):

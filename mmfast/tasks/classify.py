@@ -25,7 +25,7 @@ from mmfast.data import COLORS, SHAPES, TEMPLATES, Shapes
 from mmfast.tasks.base import EVAL_BATCH, Task, ZeroShot, eval_mode
 from mmfast.train.data import zero_shot_images
 
-HEADS = ("prompts", "factored", "linear")
+HEADS = ("factored", "prompts", "linear")
 FEATURES = ("image", "fused")
 
 
@@ -79,7 +79,7 @@ class Classify(Task):
     headline = "classify_top1_held_out"
     defaults = {"head": "factored", "features": "image", "freeze_backbone": False, "shots": 0,
                 "label_smoothing": 0.0}
-    recipe = {"batch_size": 128, "lr": 2e-4, "warmup_steps": 10}
+    recipe = {"batch_size": 128, "lr": 5e-4, "warmup_steps": 10}
 
     def __init__(self, model, tokenizer, config, device, autocast=None, options=None):
         super().__init__(model, tokenizer, config, device, autocast, options)
@@ -122,7 +122,12 @@ class Classify(Task):
         return {"images": torch.stack([x for x, _ in items]), "labels": torch.tensor([y for _, y in items])}
 
     def features(self, model, images: Tensor) -> Tensor:
-        """images (B, C, H, W) → (B, F): the image feature, or the fused [CLS] state."""
+        """images (B, C, H, W) → (B, F): the image feature, or the fused [CLS] state (no graph with a
+        frozen backbone)."""
+        with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
+            return self._features(model, images)
+
+    def _features(self, model, images: Tensor) -> Tensor:
         pooled, patches = model.visual(images)
         if self.options["features"] == "image":
             return pooled
@@ -141,17 +146,13 @@ class Classify(Task):
         if self.options["head"] == "prompts":
             img = F.normalize(model.visual(images)[0], dim=-1)
             return model.logit_scale.exp() * img @ self.prompt_classes(model).T
-        with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
-            features = self.features(model, images)
-        return self.head(features)
+        return self.head(self.features(model, images))
 
     def losses(self, model, batch: dict) -> dict:
         images, labels = batch["images"], batch["labels"]
         eps, seen = self.options["label_smoothing"], self.seen.to(labels.device)
         if self.options["head"] == "factored":
-            with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
-                features = self.features(model, images)
-            colour, shape = (x.float() for x in self.head.parts(features))
+            colour, shape = (x.float() for x in self.head.parts(self.features(model, images)))
             c, s = labels // len(SHAPES), labels % len(SHAPES)
             # each attribute's softmax over the values training shows with the other attribute's value
             return {"colour": restricted_cross_entropy(colour, seen[:, s].T, c, eps),

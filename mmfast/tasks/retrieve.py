@@ -36,7 +36,8 @@ class Indexed(torch.utils.data.Dataset):
 
 class Retrieve(Task):
     """Options: mine_every (steps between minings of the pool), negatives (mined images per distinct
-    caption). The pool is the training set (TrainConfig.train_size pairs)."""
+    caption; 0: none, plain CLIP fine-tuning, the ablation). The pool is the training set
+    (TrainConfig.train_size pairs)."""
     name = "retrieve"
     headline = "text_to_image_R@1"
     defaults = {"mine_every": 50, "negatives": 2}
@@ -45,8 +46,8 @@ class Retrieve(Task):
     def __init__(self, model, tokenizer, config, device, autocast=None, options=None):
         super().__init__(model, tokenizer, config, device, autocast, options)
         o = self.options
-        if o["mine_every"] < 1 or o["negatives"] < 1:
-            raise ValueError(f"task_options: mine_every and negatives must be >= 1, got {o}")
+        if o["mine_every"] < 1 or o["negatives"] < 0:
+            raise ValueError(f"task_options: mine_every must be >= 1 and negatives >= 0, got {o}")
         self.max_len = model.config.text.max_len
         size = self.image_size(model)
         self.pool = Shapes("train", config.train_size, seed=config.seed, image_size=size)
@@ -69,6 +70,8 @@ class Retrieve(Task):
                 "ids": ids, "mask": mask}
 
     def prepare(self, model, step: int) -> None:
+        if not self.options["negatives"]:
+            return
         if int(self.mined_at) >= 0 and (step % self.options["mine_every"] or step == int(self.mined_at)):
             return
         self.mined.copy_(self.mine(model).to(self.mined.device))

@@ -38,7 +38,8 @@ def plot_run(metrics_path: str, png_path: str) -> Optional[str]:
         rows = [r for r in train if key in r]
         left.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
     left.set(xlabel="step", ylabel="loss", title="training loss")
-    left.legend()
+    if losses:
+        left.legend()
     present = sorted({k for r in evals for k in r["eval"]})
     keys = [k for k in PRETRAINING if k in present] or present[:MAX_CURVES]  # a task's run: its own metrics
     for key in keys:

@@ -93,6 +93,10 @@ class Trainer:
         mc = model.config if model is not None else model_config(c)
         self.task = None
         if c.task is not None:
+            if model is None:
+                raise ValueError(f"objectives: the task {c.task!r} fine-tunes a pretrained model: set init_from "
+                                 f"(a run folder or checkpoint) or pass model=")
+            tokenizer = tokenizer or tokenizer_for(c.data, None)  # tasks run on shapes: its fixed vocabulary
             self.task = task_class(c.task)(model, tokenizer, c, self.device, self.autocast, c.task_options)
             train_data = self.task.train_data()
         elif train_data is None:
@@ -127,7 +131,8 @@ class Trainer:
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]  # biases, norms, scale
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=c.lr,
+                                           betas=self.task.betas if self.task is not None else (0.9, 0.999))
         self.step = 0
         self.metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
         self.checkpoint_path = os.path.join(c.out_dir, "checkpoint.pt")
