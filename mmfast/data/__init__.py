@@ -7,8 +7,9 @@ masking, and loaders for users' own (image, caption) listings and precomputed em
     ids, mask = tokenizer.encode(train.captions[:64], max_len=32)
 """
 from mmfast.data.files import CaptionFiles, EmbeddingPairs
+from mmfast.data.questions import Questions
 from mmfast.data.shapes import COLORS, HELD_OUT, QUESTION_WORDS, SHAPES, SIZES, TEMPLATES, Obj, Shapes
 from mmfast.data.tokenizer import IGNORE_INDEX, Tokenizer
 
-__all__ = ["COLORS", "CaptionFiles", "EmbeddingPairs", "HELD_OUT", "IGNORE_INDEX", "Obj", "QUESTION_WORDS", "SHAPES", "SIZES", "Shapes",
-           "TEMPLATES", "Tokenizer"]
+__all__ = ["COLORS", "CaptionFiles", "EmbeddingPairs", "HELD_OUT", "IGNORE_INDEX", "Obj", "QUESTION_WORDS", "Questions",
+           "SHAPES", "SIZES", "Shapes", "TEMPLATES", "Tokenizer"]
