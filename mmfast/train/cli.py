@@ -27,8 +27,8 @@ def add_parsers(sub) -> None:
     d.add_argument("--all", action="store_true",
                    help="then fine-tune every task on the pretrained model and print one table "
                         "(without the fused-vs-naive table, which plain `demo` shows)")
-    d.add_argument("--task-minutes", type=float, default=1.25,
-                   help="with --all: each task's training budget (default: 1.25)")
+    d.add_argument("--task-minutes", type=float, default=1.5,
+                   help="with --all: each task's training budget (default: 1.5)")
     f = sub.add_parser("finetune", help="fine-tune a pretrained run for a task (classify, retrieve, vqa, generate)")
     f.add_argument("--task", required=True, choices=sorted(TASKS))
     f.add_argument("--from", dest="source", required=True, metavar="RUN_DIR",

@@ -31,13 +31,13 @@ def finetune_config(task: str, source: str, out_dir: Optional[str] = None, minut
 
 def finetune(config: TrainConfig, quiet: bool = False) -> dict:
     """Trains config's task for the steps that fit in config.max_minutes (calibrated on real steps,
-    and capped by max_minutes) and returns {task, headline, metrics: [{metric, after, baseline,
+    at most config.steps, and stopped at max_minutes) and returns {task, headline, metrics: [{metric, after, baseline,
     chance}], steps, train_seconds}, also written to OUT_DIR/summary.json."""
     trainer = Trainer(config)
     task = trainer.task
     say = (lambda *a: None) if quiet else print
     baseline, chance = task.baseline(trainer.model), task.chance()
-    trainer.config.steps = steps_within(trainer, 60 * config.max_minutes, 0.0, 0)
+    trainer.config.steps = min(config.steps, steps_within(trainer, 60 * config.max_minutes, 0.0, 0))
     say(f"{task.name}: training {trainer.config.steps} steps of {config.batch_size} (budget {config.max_minutes:g} min)")
     start = time.perf_counter()
     after = trainer.fit()
