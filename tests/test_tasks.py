@@ -237,6 +237,7 @@ def test_finetune_command_line(pretrained, tmp_path, capsys):
 
 
 def test_generate_command_line(pretrained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the PNG (without it: the error naming the install, test_generate.py)
     from mmfast.__main__ import main
 
     run = os.path.join(pretrained, "finetune-generate")  # where `generate --from RUN` looks for its generator
