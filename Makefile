@@ -4,16 +4,16 @@ VENV    := .venv
 PYBIN   := $(VENV)/bin/python
 # torch is pinned for development: a bare `torch` pulls a multi-GB CUDA build; the package asks torch>=2.4.
 # tqdm, matplotlib and Pillow are the package's optional extras (progress bars, plots, image files).
-DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy ninja cmake setuptools wheel \
+DEV_DEPS := torch==2.13.0 triton==3.9.0 numpy ninja cmake setuptools wheel build \
             pytest hypothesis tqdm matplotlib Pillow
 # Peers compared in the benchmarks; only open_clip's loss.py is loaded (benchmarks/peers.py).
 PEERS   := open-clip-torch
 
-.PHONY: setup demo demo-all test bench bench-contrastive bench-cross-entropy bench-similarity bench-accumulation clean
+.PHONY: setup demo demo-all test wheel bench bench-contrastive bench-cross-entropy bench-similarity bench-accumulation clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*)
+$(VENV)/.installed: setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*) $(wildcard kernels/*.cu kernels/*.cuh kernels/build.py)
 	test -x $(PYBIN) || $(PY) -m venv $(VENV)
 	$(PYBIN) -m pip install -q $(DEV_DEPS)
 	$(PYBIN) -m pip install -q --no-deps $(PEERS)
@@ -31,6 +31,10 @@ demo-all: setup
 
 test: setup
 	$(PYBIN) -m pytest -q -ra tests
+
+# A wheel for the torch in .venv, into dist/ (README.md: "Building wheels for a training stack").
+wheel: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYBIN) -m build --wheel --no-isolation
 
 bench: bench-contrastive bench-cross-entropy bench-similarity bench-accumulation
 

@@ -1,11 +1,12 @@
-"""Every op family on one CUDA GPU, bf16: mmfast's backends that run on CUDA (triton, torch,
+"""Every op family on one CUDA GPU, bf16: mmfast's backends that run on CUDA (cuda, triton, torch,
 reference), the peers that are installed (open_clip, Inf-CL, Liger-Kernel, Cut Cross-Entropy),
 torch.compile of the reference, and the floor (the GEMMs the op must do, timed with torch.mm).
 
     python benchmarks/bench_gpu.py FAMILY [--budget S] [--jsonl PATH]    # all but torch.compile
     python benchmarks/bench_gpu.py compiled [--budget S] [--jsonl PATH]  # torch.compile, family by family
     python benchmarks/bench_gpu.py machine [--jsonl PATH]   # the GPU, versions, bf16 matmul peak
-    python benchmarks/bench_gpu.py report --jsonl PATH      # tables and one JSON of a run's rows
+    python benchmarks/bench_gpu.py report --jsonl PATH      # tables and one JSON of a run's rows (+ PNGs)
+    python benchmarks/bench_gpu.py plot --json REPORT       # a PNG per family from a report JSON
 
 FAMILY: clip, siglip, infonce (forward + backward), cross_entropy, linear_cross_entropy (forward +
 backward; benchmarks/bench_gpu_cross_entropy.py), similarity, topk (forward). torch.compile's rows
@@ -110,7 +111,7 @@ def clip_cases() -> Iterator[Case]:
         s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
         leaves = [a, b, s]
         fns = {f"mmfast-{backend}": (lambda a, b, s, backend=backend: mmfast.clip_loss(a, b, s, backend=backend))
-               for backend in ("triton", "torch", "reference")}
+               for backend in backends()}
         if oc is not None:
             fns["open_clip"] = oc.ClipLoss()
         inf_cl = _inf_cl()
@@ -135,7 +136,7 @@ def siglip_cases() -> Iterator[Case]:
         leaves = [a, b, s, bias]
         fns = {f"mmfast-{backend}": (lambda a, b, s, bias, backend=backend:
                                      mmfast.siglip_loss(a, b, s, bias, backend=backend))
-               for backend in ("triton", "torch", "reference")}
+               for backend in backends()}
         if oc is not None:
             fns["open_clip"] = oc.SigLipLoss()
         fns[COMPILED] = _compiled(reference.siglip_loss)
@@ -159,7 +160,7 @@ def infonce_cases() -> Iterator[Case]:
         leaves = [q, k, s]
         fns = {f"mmfast-{backend}": (lambda q, k, s, backend=backend:
                                      mmfast.infonce_loss(q, k, s, labels=labels, backend=backend))
-               for backend in ("triton", "torch", "reference")}
+               for backend in backends()}
         if inf_cl is not None:
             fns["inf_cl"] = lambda q, k, s: inf_cl(q, k, labels=labels, scale=s)
         fns[COMPILED] = _compiled(lambda q, k, s: reference.infonce_loss(q, k, s, labels, None, 0.0, "mean"))
@@ -178,7 +179,7 @@ def similarity_cases() -> Iterator[Case]:
         b = torch.randn(m, d, device=DEVICE, generator=g).bfloat16()
         scale = torch.tensor(1.0, device=DEVICE)
         impls = {f"mmfast-{backend}": (lambda backend=backend: mmfast.similarity(a, b, normalize=True, backend=backend))
-                 for backend in ("triton", "torch", "reference")}
+                 for backend in backends()}
         out = torch.empty(n, m, device=DEVICE, dtype=torch.bfloat16)
         impls["floor"] = lambda: torch.mm(a, b.T, out=out)
         compiled = _compiled(lambda a, b: reference.similarity(a, b, scale, True, torch.bfloat16))
@@ -194,7 +195,7 @@ def topk_cases() -> Iterator[Case]:
         g = torch.Generator(device=DEVICE).manual_seed(4)
         q, keys = _normalized(n, d, g, grad=False), _normalized(m, d, g, grad=False)
         impls = {f"mmfast-{backend}": (lambda backend=backend: mmfast.topk_similarity(q, keys, k, backend=backend))
-                 for backend in ("triton", "torch", "reference")}
+                 for backend in backends()}
         out = torch.empty(n, TOPK_CHUNK, device=DEVICE, dtype=torch.bfloat16)
 
         def floor():
@@ -206,16 +207,18 @@ def topk_cases() -> Iterator[Case]:
 
 
 def topk_agreement(log: harness.RowLog) -> None:
-    """triton against torch on the first queries of the first top-k case."""
+    """Each fused backend against torch on the first queries of the first top-k case."""
     import mmfast
 
     n, m, d, k = TOPK_SIZES[0]
     g = torch.Generator(device=DEVICE).manual_seed(4)
     q, keys = _normalized(n, d, g, grad=False)[:AGREEMENT_QUERIES], _normalized(m, d, g, grad=False)
-    (v_tr, i_tr), (v_to, i_to) = (mmfast.topk_similarity(q, keys, k, backend=b) for b in ("triton", "torch"))
-    log.write({"family": "topk", "kind": "agreement", "queries": q.shape[0],
-               "max_abs_value_diff": float((v_tr - v_to).abs().max()),
-               "index_match_fraction": float((i_tr == i_to).double().mean())})
+    v_to, i_to = mmfast.topk_similarity(q, keys, k, backend="torch")
+    for backend in set(backends()) & {"cuda", "triton"}:
+        v, i = mmfast.topk_similarity(q, keys, k, backend=backend)
+        log.write({"family": "topk", "kind": "agreement", "backend": backend, "queries": q.shape[0],
+                   "max_abs_value_diff": float((v - v_to).abs().max()),
+                   "index_match_fraction": float((i == i_to).double().mean())})
 
 
 def _inf_cl():
@@ -226,10 +229,19 @@ def _inf_cl():
     return cal_inf_loss
 
 
+def backends() -> tuple[str, ...]:
+    """mmfast's backends that run on this GPU, fused ones first (cuda needs kernels/build.py's library)."""
+    from mmfast import _backends
+
+    return tuple(b for b in ("cuda", "triton", "torch", "reference")
+                 if _backends.unavailable_reason(b, torch.device(DEVICE)) is None)
+
+
 def _floor_second(impls: dict) -> dict:
-    """mmfast's triton backend first, the floor next (so both land before a timeout), then the rest
-    in order, torch.compile last (its compile takes the longest)."""
-    order = ["mmfast-triton", "floor"] + [n for n in impls if n not in ("mmfast-triton", "floor", COMPILED)]
+    """mmfast's fused backends first (cuda, triton), the floor next (so they land before a timeout),
+    then the rest in order, torch.compile last (its compile takes the longest)."""
+    first = ["mmfast-cuda", "mmfast-triton", "floor"]
+    order = first + [n for n in impls if n not in first + [COMPILED]]
     return {name: impls[name] for name in order + [COMPILED] if name in impls}
 
 
@@ -320,13 +332,54 @@ def report(log: harness.RowLog) -> Path:
     print(harness.table(results, columns))
     for row in rows:
         if row.get("kind") == "agreement":
-            print(f"top-k agreement, triton vs torch: {row}")
+            print(f"top-k agreement, {row.get('backend', 'triton')} vs torch: {row}")
     out = log.path.with_suffix(".json")
     out.write_text(json.dumps({"bench": "gpu_check", "device": "cuda", "dtype": "bfloat16", "machine": machine,
                                "rows": results, "other": [r for r in rows if "impl" not in r and r is not machine]},
                               indent=2))
     print(f"\nwritten {out}")
+    try:
+        for png in plot(out):
+            print(f"written {png}")
+    except ImportError:
+        print(f"matplotlib is not installed: plot later with `python benchmarks/bench_gpu.py plot --json {out}`")
     return out
+
+
+def plot(report_json: Path) -> list[Path]:
+    """One PNG per family beside the report: each case's implementations as bars of TFLOP/s (time
+    where a row has no FLOP count), fused backends first, the floor as a line. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(report_json).read_text())
+    rows = [r for r in data["rows"] if "median_s" in r]
+    written = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        cases = list(dict.fromkeys(r["sizes"] for r in rows if r["family"] == family))
+        fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 3.8), squeeze=False)
+        for ax, case in zip(axes[0], cases):
+            same = [r for r in rows if r["family"] == family and r["sizes"] == case]
+            metric = "tflops" if all("tflops" in r for r in same) else "median_s"
+            bars = [r for r in same if r["impl"] != "floor"]
+            ax.barh([r["impl"] for r in bars], [r[metric] for r in bars],
+                    color=["tab:red" if r["impl"] in ("mmfast-cuda", "mmfast-triton") else "tab:gray" for r in bars])
+            floor = next((r for r in same if r["impl"] == "floor"), None)
+            if floor is not None:
+                ax.axvline(floor[metric], color="black", linestyle="--", label="floor (the GEMMs alone)")
+                ax.legend(loc="lower right", fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{family}: {case}", fontsize=9)
+            ax.set_xlabel("TFLOP/s (higher is better)" if metric == "tflops" else "median seconds (lower is better)")
+        fig.suptitle(f"{data['machine'].get('gpu', 'GPU')}, bf16", fontsize=10)
+        fig.tight_layout()
+        png = Path(report_json).with_name(f"{Path(report_json).stem}-{family}.png")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        written.append(png)
+    return written
 
 
 def _sizes(row: dict) -> dict:
@@ -335,11 +388,18 @@ def _sizes(row: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["machine", "report", "compiled", "clip", "siglip", "infonce",
+    parser.add_argument("what", choices=["machine", "report", "plot", "compiled", "clip", "siglip", "infonce",
                                          "cross_entropy", "linear_cross_entropy", "similarity", "topk"])
     parser.add_argument("--budget", type=float, default=600.0, help="seconds, from the process's start")
     parser.add_argument("--jsonl", default=None)
+    parser.add_argument("--json", default=None, help="plot: a report JSON (gpu-check-STAMP.json)")
     args = parser.parse_args(argv)
+    if args.what == "plot":
+        if not args.json:
+            parser.error("plot needs --json REPORT")
+        for png in plot(Path(args.json)):
+            print(f"written {png}")
+        return 0
     default = Path(os.environ.get("OUT") or harness.RESULTS) / "gpu-bench.jsonl"
     log = harness.RowLog(args.jsonl or default)
     if args.what == "report":

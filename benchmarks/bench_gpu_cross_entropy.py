@@ -41,7 +41,7 @@ def cross_entropy_cases() -> Iterator[Case]:
         x = (torch.randn(t, v, device=bench_gpu.DEVICE, generator=g) * 2).bfloat16().requires_grad_()
         y = torch.randint(0, v, (t,), device=bench_gpu.DEVICE, generator=g)
         fns = {f"mmfast-{backend}": (lambda x, y, backend=backend: mmfast.cross_entropy(x, y, backend=backend))
-               for backend in ("triton", "torch", "reference")}
+               for backend in bench_gpu.backends()}
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -69,7 +69,7 @@ def _linear_fns(kept_rows):
     import mmfast
 
     fns = {f"mmfast-{backend}": (lambda h, w, y, backend=backend: mmfast.linear_cross_entropy(h, w, y, backend=backend))
-           for backend in ("triton", "torch", "reference")}
+           for backend in bench_gpu.backends()}
     fns["masked_torch"] = lambda h, w, y: F.cross_entropy(F.linear(h[kept_rows], w).float(), y[kept_rows])
     fns["hf_full"] = lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):

@@ -1,6 +1,7 @@
 // The masked-LM softmax's row kernel (cross_entropy_cpu.h). Compiled once per instruction set
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "cross_entropy_cpu.h"
+#include "numerics.cuh"  // kernels/: target_grad, shared with the CUDA kernels
 
 #include "worker_guard.h"
 
@@ -99,12 +100,6 @@ void write_grad(const float* x, float* g, int64_t n, double lse, float a, float 
     at::vec::fmadd(((Vec::loadu(x + c) - vhi) - vlo).exp(), va, vb).store(g + c);
   }
   for (int64_t c = body; c < n; ++c) g[c] = a * std::exp((x[c] - hi) - lo) + b;
-}
-
-// The target's entry of g in fp64, with softmax_y − 1 as expm1: in a peaked row (softmax_y → 1)
-// it is the small difference that carries the row's whole gradient.
-float target_grad(double x_y, double lse, double w, float eps, float z, int64_t v) {
-  return float(w * (1.0 + 2.0 * z * lse) * std::expm1(x_y - lse) + w * (2.0 * z * lse + eps * (1.0 - 1.0 / double(v))));
 }
 
 void one_row(const CrossEntropyRows& p, int64_t t) {

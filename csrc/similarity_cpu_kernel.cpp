@@ -1,6 +1,7 @@
 // Tile kernels of the similarity family (similarity_cpu.h). Compiled once per instruction set
 // (CMakeLists.txt); CPU_CAPABILITY names the set and the namespace.
 #include "similarity_cpu.h"
+#include "numerics.cuh"  // kernels/: top-k's order, shared with the CUDA kernels
 
 #include "worker_guard.h"
 
@@ -34,11 +35,10 @@ struct Entry {
   int64_t i;
 };
 
-// a ranks before b: larger value first, NaN above every number, then the lower index.
+// a ranks before b: larger value first, NaN above every number, then the lower index (the order
+// kernels/numerics.cuh defines for every backend).
 inline bool better(const Entry& a, const Entry& b) {
-  const bool na = std::isnan(a.v), nb = std::isnan(b.v);
-  if (na || nb) return na && (!nb || a.i < b.i);
-  return a.v > b.v || (a.v == b.v && a.i < b.i);
+  return ranks_before(ordered_key(a.v), a.i, ordered_key(b.v), b.i);
 }
 
 // The running top-k of one row: an unsorted candidate buffer of capacity cap > k. Until it first

@@ -18,7 +18,7 @@ def info() -> int:
     import torch
 
     import mmfast
-    from mmfast import _backends
+    from mmfast import _backends, _cuda
 
     print(f"mmfast   {mmfast.__version__}")
     print(f"python   {platform.python_version()}")
@@ -33,12 +33,17 @@ def info() -> int:
     print(f"cuda     {torch.cuda.get_device_name(0) if cuda else 'no CUDA device'}")
     if _backends.EXT_ERROR is None:
         print(f"_C       built (CPU kernels: {torch.ops.mmfast.cpu_capability()})")
+    archs = _cuda.built_archs()
+    print(f"kernels  {_cuda.LIBRARY.name}: " + (f"built for {archs}" if archs else
+                                               "present" if _cuda.LIBRARY.exists() else "not built"))
     print("backends:")
     for name in _backends.BACKENDS:
         reason = _backends.unavailable_reason(name)
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     device = torch.device("cuda" if cuda else "cpu")
-    print(f"default  {_backends.select(None, device)} (for {device.type} tensors)")
+    chosen = _backends.select(None, device)
+    why = "" if device.type != "cuda" or chosen == "cuda" else f"; not cuda: {_backends.unavailable_reason('cuda', device)}"
+    print(f"default  {chosen} (for {device.type} tensors{why})")
     return 0
 
 

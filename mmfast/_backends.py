@@ -1,9 +1,10 @@
 """Backends: which implementations exist, which can run here (and why not), and the choice for a call.
 
 design.md §2: `reference` (naive, materialises everything), `torch` (chunked PyTorch, any device),
-`cpu` (C++ kernels in mmfast._C), `triton` (GPU kernels). The automatic choice is by device
-(CUDA → triton, CPU → cpu, else torch); `backend=` or the MMFAST_BACKEND variable overrides it. A
-backend asked for by name that cannot run raises; it never falls back silently.
+`cpu` (C++ kernels in mmfast._C), `triton` (Triton GPU kernels), `cuda` (CUDA C++ kernels in
+libmmfast_cuda.so, mmfast/_cuda.py). The automatic choice is by device (CUDA → cuda when built and
+loadable, else triton; CPU → cpu; else torch); `backend=` or the MMFAST_BACKEND variable overrides
+it. A backend asked for by name that cannot run raises; it never falls back silently.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "torch", "cpu", "triton")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 
 def _load_extension() -> Optional[str]:
     """Imports mmfast._C (which registers the torch.ops.mmfast.cpu_* kernels); why not, or None."""
@@ -22,10 +23,23 @@ def _load_extension() -> Optional[str]:
         return ("mmfast._C is not built (installed with MMFAST_BUILD_EXT=0, or its build failed); "
                 "build it with `pip install --no-build-isolation -e .`")
     try:
+        from mmfast._build_info import TORCH_VERSION as built  # written by setup.py beside _C
+    except ImportError:  # a build from before the record existed
+        built = None
+    if built is not None and _minor(built) != _minor(torch.__version__):
+        return (f"mmfast._C was built against torch {built}, this is torch {torch.__version__}: it loads only with "
+                f"the torch minor version it was compiled against; rebuild mmfast with this torch installed "
+                f"(pip install --no-build-isolation -e ., or python -m build --wheel --no-isolation)")
+    try:
         importlib.import_module("mmfast._C")
     except ImportError as exc:  # built against another torch, say
         return f"mmfast._C does not load: {exc}"
     return None
+
+
+def _minor(version: str) -> list[str]:
+    """"2.13.0+cpu" → ["2", "13"]."""
+    return version.split("+")[0].split(".")[:2]
 
 
 EXT_ERROR: Optional[str] = _load_extension()
@@ -43,6 +57,10 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
         return None
     if name == "triton":
         return _triton_reason(device)
+    if name == "cuda":
+        from mmfast import _cuda
+
+        return _cuda.unavailable_reason(device)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
@@ -67,14 +85,28 @@ def select(name: Optional[str], device: torch.device) -> str:
     if name is None:
         name = os.environ.get("MMFAST_BACKEND") or None
     if name is None:
-        preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "torch"
-        return preferred if unavailable_reason(preferred, device) is None else "torch"
+        preferred = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
+        return next((p for p in preferred if unavailable_reason(p, device) is None), "torch")
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run: {reason}")
     return name
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch runs CUDA fp32 matmuls in TF32, on torch 2.4 and later.
+
+    torch >= 2.9 has torch.backends.cuda.matmul.fp32_precision ("ieee", "tf32", or "none": inherit
+    the generic torch.backends.fp32_precision), and there torch.get_float32_matmul_precision()
+    raises once a user has set the new API; so the new settings are read first and the old one only
+    where both say "none" (or do not exist, before 2.9)."""
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                    getattr(torch.backends, "fp32_precision", "none")):
+        if setting != "none":
+            return setting == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 SECOND_ORDER = ("second-order gradients (backward through a gradient taken with create_graph=True) are not "

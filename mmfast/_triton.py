@@ -11,6 +11,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from mmfast._backends import fp32_matmul_allows_tf32
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Where Triton 3.9's CPU interpreter departs from the GPU, the kernels' helpers work around it
@@ -79,20 +81,6 @@ def precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return "ieee"
     return "tf32"  # ignored for bf16/fp16 tiles, which always run on tensor cores
-
-
-def fp32_matmul_allows_tf32() -> bool:
-    """Whether torch runs CUDA fp32 matmuls in TF32, on torch 2.4 and later.
-
-    torch >= 2.9 has torch.backends.cuda.matmul.fp32_precision ("ieee", "tf32", or "none": inherit
-    the generic torch.backends.fp32_precision), and there torch.get_float32_matmul_precision()
-    raises once a user has set the new API; so the new settings are read first and the old one only
-    where both say "none" (or do not exist, before 2.9)."""
-    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
-                    getattr(torch.backends, "fp32_precision", "none")):
-        if setting != "none":
-            return setting == "tf32"
-    return torch.get_float32_matmul_precision() != "highest"
 
 
 def alert_nondeterministic(op: str) -> None:

@@ -1203,7 +1203,7 @@ def bad_calls(be, n, d, v):
         "clip:smoothing-bool": (lambda: clip(A, B, 1.0, label_smoothing=True), ("label_smoothing",)),
         "clip:reduction": (lambda: clip(A, B, 1.0, reduction="avg"), ("reduction",)),
         "clip:reduction-none-obj": (lambda: clip(A, B, 1.0, reduction=None), ("reduction",)),
-        "clip:backend": (lambda: clip(A, B, 1.0, backend="cuda"), ("backend",)),
+        "clip:backend": (lambda: clip(A, B, 1.0, backend="gpu"), ("backend",)),
         "clip:backend-int": (lambda: clip(A, B, 1.0, backend=3), ("backend",)),
         "infonce:labels-high": (lambda: info(A, B, 1.0, labels=torch.full((n,), n)), ("labels",)),
         "infonce:labels-neg": (lambda: info(A, B, 1.0, labels=torch.full((n,), -1)), ("labels",)),

@@ -21,6 +21,17 @@ def _chunks(n: int, m: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def stats_grid(n: int, m: int, programs: int, block_m: int, align: int) -> tuple[int, int, int]:
+    """(row programs P, column splits Q, split width) of a fused stats kernel (triton, cuda): P row
+    programs of block_m rows (at most `programs`), and, when they do not fill the GPU, the columns
+    split in Q widths of whole `align`-wide tiles, so that about `programs` programs run. An empty side
+    gives an empty grid: the merges then give −inf (softmax) or 0 (sigmoid) per row and −inf per column."""
+    rows = min(programs, -(-n // block_m))
+    splits = max(1, min(-(-programs // max(rows, 1)), -(-m // align)))
+    width = max(1, -(-(-(-m // splits)) // align)) * align
+    return rows, -(-m // width), width
+
+
 def _scalars(scale: Tensor, bias: Optional[Tensor]):
     return scale.float().reshape(()), (bias.float().reshape(()) if bias is not None else 0.0)
 

@@ -59,11 +59,25 @@ def _triton_grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sig
                                                   sigmoid, need_a, need_b)
 
 
+def _cuda_stats(a, b, scale, bias, positives, sigmoid, with_cols):
+    from mmfast.contrastive import cuda_kernels  # loads the CUDA library: only once this backend runs
+
+    return cuda_kernels.cuda_contrastive_stats(a, b, scale, bias, positives, sigmoid, with_cols)
+
+
+def _cuda_grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid, need_a, need_b):
+    from mmfast.contrastive import cuda_kernels
+
+    return cuda_kernels.cuda_contrastive_grad(a, b, scale, bias, positives, row, col, grad_row, grad_col, sigmoid,
+                                              need_a, need_b)
+
+
 # backend name → (stats, grad) with the signatures of chunked.stats / chunked.grad.
 IMPLS = {
     "torch": (chunked.stats, chunked.grad),
     "cpu": (_cpu_stats, _cpu_grad),
     "triton": (_triton_stats, _triton_grad),
+    "cuda": (_cuda_stats, _cuda_grad),
 }
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from mmfast._triton import INTERPRET, check_sizes, downcast, max_programs, merge_lse, mm, on_device, precision, wide
+from mmfast.contrastive import chunked
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
@@ -283,14 +284,8 @@ def _scalar_args(scale: Tensor, bias: Optional[Tensor]):
 
 
 def stats_grid(n: int, m: int, device: torch.device) -> tuple[int, int, int]:
-    """(row programs P, column splits Q, split width) of the stats kernel (see the module docstring).
-    An empty side gives an empty grid: the merges then give −inf (softmax) or 0 (sigmoid) per row
-    and −inf per column, the statistics over no terms."""
-    programs = max_programs(device, interpreted=4)
-    rows = min(programs, triton.cdiv(n, _STATS_BLOCK_M))
-    splits = max(1, min(triton.cdiv(programs, max(rows, 1)), triton.cdiv(m, _SPLIT_ALIGN)))
-    width = max(1, triton.cdiv(triton.cdiv(m, splits), _SPLIT_ALIGN)) * _SPLIT_ALIGN
-    return rows, triton.cdiv(m, width), width
+    """(row programs P, column splits Q, split width) of the stats kernel (chunked.stats_grid)."""
+    return chunked.stats_grid(n, m, max_programs(device, interpreted=4), _STATS_BLOCK_M, _SPLIT_ALIGN)
 
 
 @triton_op("mmfast::triton_contrastive_stats", mutates_args=())

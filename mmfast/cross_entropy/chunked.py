@@ -23,6 +23,14 @@ CHUNK_ELEMS = 1 << 20
 LINEAR_BLOCK_ELEMS = 1 << 22
 
 
+def compact_rows(y: Tensor) -> tuple[Tensor, Tensor]:
+    """The fused kernels' kept rows: their indices first, in order (a stable sort: no host sync),
+    and their count as a (1,) int64 device tensor. y: (T,), −1 = ignored."""
+    kept = y >= 0
+    order = torch.sort((~kept).to(torch.uint8), stable=True).indices
+    return order, kept.sum().reshape(1).to(torch.int64)
+
+
 def _blocks(n: int, v: int, elems: int = CHUNK_ELEMS, min_rows: int = 1, max_rows: int = 1 << 62):
     step = min(max(min_rows, elems // max(v, 1)), max_rows)
     return [(i, min(i + step, n)) for i in range(0, n, step)]

@@ -23,6 +23,7 @@ All are torch.library custom ops with fakes, so torch.compile(fullgraph=True) ke
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -52,13 +53,17 @@ def _cpu_linear_cross_entropy_fused(h, w, bias, y, row_weight, eps, z):
     return torch.ops.mmfast.cpu_linear_cross_entropy_fused(h, w, bias, y, row_weight, -1, eps, z)
 
 
-def _triton(name):
-    def call(*args):
-        from mmfast.cross_entropy import triton_kernels  # imports triton: only once this backend runs
+def _lazy(module: str):
+    """The four functions of mmfast.cross_entropy.<module>, imported at their first call (triton_kernels
+    imports triton; cuda_kernels is imported only once that backend runs, too)."""
+    def function(name):
+        def call(*args):
+            return getattr(importlib.import_module(f"mmfast.cross_entropy.{module}"), name)(*args)
 
-        return getattr(triton_kernels, name)(*args)
+        return call
 
-    return call
+    return tuple(function(name) for name in ("cross_entropy", "cross_entropy_grad", "linear_cross_entropy",
+                                             "linear_cross_entropy_grad"))
 
 
 # backend → (cross_entropy, cross_entropy_grad, linear_cross_entropy, linear_cross_entropy_grad),
@@ -69,8 +74,8 @@ IMPLS = {
     "torch": (chunked.cross_entropy, chunked.cross_entropy_grad, chunked.linear_cross_entropy,
               chunked.linear_cross_entropy_grad),
     "cpu": (_cpu_cross_entropy, _cpu_cross_entropy_grad, _cpu_linear_cross_entropy, _cpu_linear_cross_entropy_grad),
-    "triton": tuple(_triton(name) for name in ("cross_entropy", "cross_entropy_grad", "linear_cross_entropy",
-                                                "linear_cross_entropy_grad")),
+    "triton": _lazy("triton_kernels"),
+    "cuda": _lazy("cuda_kernels"),
 }
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mmfast._triton import (INTERPRET, alert_nondeterministic, check_sizes, downcast, merge_lse, mm, on_device,
                             precision, wide)
+from mmfast.cross_entropy import chunked
 
 if INTERPRET:
     # The CPU interpreter: small tiles, so tests at small sizes still cross tile edges.
@@ -269,20 +270,13 @@ def _lce_bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, kept_ptr, lse_ptr, rw
                       mask=col_ok[:, None] & k_ok[None, :])
 
 
-def _compact(y: Tensor):
-    """Kept rows first, in order (a stable sort: no host sync), and their count as a device tensor."""
-    kept = y >= 0
-    order = torch.sort((~kept).to(torch.uint8), stable=True).indices
-    return order, kept.sum().reshape(1).to(torch.int64)
-
-
 def linear_cross_entropy(h: Tensor, w: Tensor, bias: Optional[Tensor], y: Tensor, eps: float, z: float):
     """h: (T, Dh), w: (V, Dh), bias: (V,) or None, y: (T,) → loss (T,) fp32, lse (T,) fp64."""
     h, w, y = h.contiguous(), w.contiguous(), y.contiguous()
     bias = bias.contiguous() if bias is not None else None
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
     check_sizes("linear_cross_entropy", d, T=t, V=v)
-    order, n_kept = _compact(y)
+    order, n_kept = chunked.compact_rows(y)
     cfg = dict(_LCE_FWD_CONFIG)
     splits = triton.cdiv(v, _LCE_SPLIT_V)
     mx = h.new_full((splits, t), float("-inf"), dtype=torch.float32)
@@ -310,7 +304,7 @@ def linear_cross_entropy_grad(h: Tensor, w: Tensor, bias: Optional[Tensor], y: T
     bias = bias.contiguous() if bias is not None else None
     t, v, d = h.shape[0], w.shape[0], h.shape[1]
     check_sizes("linear_cross_entropy", d, T=t, V=v)
-    order, n_kept = _compact(y)
+    order, n_kept = chunked.compact_rows(y)
     dh = torch.zeros((t, d), dtype=torch.float32, device=h.device)
     dw = torch.zeros((v, d), dtype=torch.float32, device=h.device)
     db = torch.zeros(v if bias is not None else 1, dtype=torch.float32, device=h.device)

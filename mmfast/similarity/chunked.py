@@ -26,6 +26,25 @@ def inverse_norms(x32: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x32, dim=1).clamp_min(NORM_EPS).reciprocal()
 
 
+def factors(a: Tensor, b: Tensor, scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The fused kernels' epilogue factors, S_ij = (a_i·b_j)·row_i·col_j: (s/‖a_i‖ (N,), 1/‖b_j‖ (M,))
+    fp32, or (s, 1) broadcast when not normalising."""
+    s = scale.float().reshape(())
+    if normalize:
+        return inverse_norms(a.float()) * s, inverse_norms(b.float())
+    return s.expand(a.shape[0]).contiguous(), b.new_ones(b.shape[0], dtype=torch.float32)
+
+
+def topk_segments(n: int, m: int, programs: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(segments, columns per segment) of a fused top-k grid of ⌈n / block_m⌉ row blocks: with few
+    row blocks (small N) the columns are split too, in segments of whole tiles (at least 4), so that
+    about `programs` blocks run."""
+    row_blocks = max(1, -(-n // block_m))
+    segments = max(1, min(-(-programs // row_blocks), -(-m // (4 * block_n))))
+    seg_cols = -(-(-(-m // segments)) // block_n) * block_n
+    return -(-m // seg_cols), seg_cols
+
+
 def scaled_rows(x: Tensor, scale, normalize: bool) -> Tensor:
     """scale·n(x) as fp32 (rows, D) (scale: a float or a 0-d tensor)."""
     x32 = x.float()

@@ -38,12 +38,25 @@ def _triton_topk(q, keys, k, scale, normalize):
     return triton_kernels.triton_topk_similarity(q, keys, k, scale, normalize)
 
 
+def _cuda_similarity(a, b, scale, normalize, out_dtype):
+    from mmfast.similarity import cuda_kernels  # resolves the CUDA library only once this backend runs
+
+    return cuda_kernels.cuda_similarity(a, b, scale, normalize, out_dtype)
+
+
+def _cuda_topk(q, keys, k, scale, normalize):
+    from mmfast.similarity import cuda_kernels
+
+    return cuda_kernels.cuda_topk_similarity(q, keys, k, scale, normalize)
+
+
 # backend name → (similarity, topk_similarity) with the signatures of chunked's.
 IMPLS = {
     "reference": (reference.similarity, reference.topk_similarity),
     "torch": (chunked.similarity, chunked.topk_similarity),
     "cpu": (_cpu_similarity, _cpu_topk),
     "triton": (_triton_similarity, _triton_topk),
+    "cuda": (_cuda_similarity, _cuda_topk),
 }
 
 

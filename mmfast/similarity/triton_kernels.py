@@ -134,20 +134,12 @@ def _topk_kernel(q_ptr, k_ptr, row_scale_ptr, col_scale_ptr, key_out_ptr, col_ou
     tl.store(col_out_ptr + out + r[:, None] * KP + slot[None, :], run_col, mask=row_ok[:, None])
 
 
-def _factors(a: Tensor, b: Tensor, scale: Tensor, normalize: bool):
-    """(s/‖a_i‖ (N,), 1/‖b_j‖ (M,)) fp32, or (s, 1) broadcast when not normalising."""
-    s = scale.float().reshape(())
-    if normalize:
-        return chunked.inverse_norms(a.float()) * s, chunked.inverse_norms(b.float())
-    return s.expand(a.shape[0]).contiguous(), b.new_ones(b.shape[0], dtype=torch.float32)
-
-
 @triton_op("mmfast::triton_similarity", mutates_args=())
 def triton_similarity(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, out_dtype: torch.dtype) -> Tensor:
     a, b = a.contiguous(), b.contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     check_sizes("similarity", d, N=n, M=m)
-    row_scale, col_scale = _factors(a, b, scale, normalize)
+    row_scale, col_scale = chunked.factors(a, b, scale, normalize)
     out = a.new_empty((n, m), dtype=out_dtype)
 
     def grid(meta):
@@ -165,14 +157,11 @@ def triton_topk_similarity(q: Tensor, keys: Tensor, k: int, scale: Tensor, norma
         return chunked.topk_similarity(q, keys, k, scale, normalize)  # see the module docstring
     check_sizes("topk_similarity", d, N=n)
     q, keys = q.contiguous(), keys.contiguous()
-    row_scale, col_scale = _factors(q, keys, scale, normalize)
+    row_scale, col_scale = chunked.factors(q, keys, scale, normalize)
     kp = max(16, triton.next_power_of_2(k))
     row_blocks = triton.cdiv(n, _TOPK_BLOCK_M)
-    # Few row blocks (small N): split the columns too, so the machine stays busy.
-    programs = max_programs(q.device, interpreted=4)
-    segments = max(1, min(triton.cdiv(programs, row_blocks), triton.cdiv(m, 4 * _TOPK_BLOCK_N)))
-    seg_cols = triton.cdiv(triton.cdiv(m, segments), _TOPK_BLOCK_N) * _TOPK_BLOCK_N  # whole tiles
-    segments = triton.cdiv(m, seg_cols)
+    segments, seg_cols = chunked.topk_segments(n, m, max_programs(q.device, interpreted=4), _TOPK_BLOCK_M,
+                                               _TOPK_BLOCK_N)
     key_out = q.new_empty((segments, n, kp), dtype=torch.int32)
     col_out = q.new_empty((segments, n, kp), dtype=torch.int32)
     with on_device(q):
