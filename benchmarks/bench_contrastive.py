@@ -22,6 +22,12 @@ import peers  # noqa: E402
 
 # cpu_deterministic: the cpu backend under torch.use_deterministic_algorithms(True) (fixed reduction order).
 IMPLS = ("cpu", "cpu_deterministic", "torch", "reference", "open_clip", "floor")
+SIZES, D = (4096, 8192, 16384), 512  # the default sweep: N = M at D
+
+
+def flops(n: int, d: int) -> int:
+    """The FLOPs every implementation is credited with: the floor's four N×N×D GEMMs."""
+    return 8 * n * n * d
 
 
 def make_step(impl: str, n: int, d: int):
@@ -65,8 +71,8 @@ def worker(mode: str, impl: str, n: int, d: int, repeats: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--d", type=int, default=D)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results)")
@@ -83,11 +89,10 @@ def main(argv=None) -> int:
         for impl in args.impls:
             print(f"  N={n} D={args.d} {impl} ...", file=sys.stderr, flush=True)
             results[impl] = harness.run_case(__file__, [impl, str(n), str(args.d), str(args.repeats)])
-        flops = 8 * n * n * args.d
         for impl, r in results.items():
             row = {"impl": impl, "N": n, "D": args.d, **r}
             if "median_s" in r:
-                row["gflops"] = flops / r["median_s"] / 1e9
+                row["gflops"] = flops(n, args.d) / r["median_s"] / 1e9
             if "extra_peak_bytes" in r:
                 row["extra_peak_mb"] = r["extra_peak_bytes"] / 2**20
                 for base in ("floor", "open_clip"):

@@ -2,9 +2,11 @@
 mmfast's backends against the ways a model computes it without mmfast, and the floor.
 
     python benchmarks/bench_cross_entropy.py [--shapes bert xlmr] [--repeats 3]
+    python benchmarks/bench_cross_entropy.py --tokens 2048 4096 8192 [--vocab 30522] [--dh 768]
 
 Shapes: bert = BERT-base MLM (T = 16 × 512 = 8192 positions, V = 30522, Dh = 768), xlmr = XLM-R
-(T = 4096, V = 250002, Dh = 768); the decoder has a bias, as BERT's does. Implementations:
+(T = 4096, V = 250002, Dh = 768); --tokens sweeps T at one V and Dh (default BERT's) instead. The
+decoder has a bias, as BERT's does. Implementations:
   hf_full       F.linear over all T rows, then F.cross_entropy(ignore_index=-100) (Hugging Face's way)
   masked_torch  the kept rows gathered first, then F.linear + F.cross_entropy on them
   torch_chunked torch's own F.linear_cross_entropy with LinearCrossEntropyOptions() (chunked)
@@ -33,14 +35,31 @@ KEPT = 0.15
 IMPLS = ("cpu", "cpu_deterministic", "torch", "masked_torch", "torch_chunked", "hf_full", "floor")
 
 
+def targets(t: int, v: int) -> torch.Tensor:
+    """The MLM targets: a random class for KEPT of the T rows, ignore_index (-100) for the rest. A
+    generator of their own, so that which rows are kept does not depend on the other inputs' sizes."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, v, (t,), generator=g)
+    target[torch.rand(t, generator=g) >= KEPT] = -100
+    return target
+
+
 def inputs(t: int, v: int, d: int):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(t, d, generator=g).requires_grad_()
     w = (torch.randn(v, d, generator=g) * d ** -0.5).requires_grad_()
     b = (torch.randn(v, generator=g) * 0.1).requires_grad_()
-    target = torch.randint(0, v, (t,), generator=g)
-    target[torch.rand(t, generator=g) >= KEPT] = -100
-    return h, w, b, target
+    return h, w, b, targets(t, v)
+
+
+def kept_rows(t: int, v: int) -> int:
+    """T_kept: the rows whose target is not ignored, as the workers draw them."""
+    return int((targets(t, v) != -100).sum())
+
+
+def flops(t: int, v: int, d: int) -> int:
+    """The FLOPs every implementation is credited with: the floor's three GEMMs over the kept rows."""
+    return 6 * kept_rows(t, v) * v * d
 
 
 def make_step(impl: str, t: int, v: int, d: int):
@@ -83,38 +102,42 @@ def make_step(impl: str, t: int, v: int, d: int):
     return step
 
 
-def worker(mode: str, impl: str, shape: str, repeats: int) -> None:
-    t, v, d = SHAPES[shape]
+def worker(mode: str, impl: str, t: int, v: int, d: int, repeats: int) -> None:
     result = harness.measure(lambda small: make_step(impl, *((64, 1000, 64) if small else (t, v, d))), mode, repeats)
     print(json.dumps(result))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
+    sizes.add_argument("--tokens", type=int, nargs="+", metavar="T",
+                       help="a sweep over T (positions, 15%% kept) at --vocab and --dh, instead of --shapes")
+    parser.add_argument("--vocab", type=int, default=SHAPES["bert"][1], help="V of a --tokens sweep (default: BERT's)")
+    parser.add_argument("--dh", type=int, default=SHAPES["bert"][2], help="Dh of a --tokens sweep (default: BERT's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results)")
-    parser.add_argument("--worker", nargs=4, metavar=("MODE", "IMPL", "SHAPE", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, metavar=("MODE", "IMPL", "T", "V", "DH", "REPEATS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        mode, impl, shape, repeats = args.worker
-        worker(mode, impl, shape, int(repeats))
+        mode, impl, *sizes = args.worker
+        worker(mode, impl, *map(int, sizes))
         return 0
 
+    cases = ([(f"T={t}", t, args.vocab, args.dh) for t in args.tokens] if args.tokens
+             else [(shape, *SHAPES[shape]) for shape in args.shapes])
     rows = []
-    for shape in args.shapes:
-        t, v, d = SHAPES[shape]
-        t_kept = len(torch.nonzero(inputs(t, 1, 1)[3] != -100))  # the same draw of kept rows as the workers
+    for shape, t, v, d in cases:
         results = {}
         for impl in args.impls:
-            print(f"  {shape} T={t} V={v} Dh={d} {impl} ...", file=sys.stderr, flush=True)
-            results[impl] = harness.run_case(__file__, [impl, shape, str(args.repeats)])
-        flops = 6 * t_kept * v * d
+            print(f"  T={t} V={v} Dh={d} {impl} ...", file=sys.stderr, flush=True)
+            results[impl] = harness.run_case(__file__, [impl, str(t), str(v), str(d), str(args.repeats)])
         for impl, r in results.items():
-            row = {"impl": impl, "shape": shape, "T": t, "T_kept": t_kept, "V": v, "Dh": d, **r}
+            row = {"impl": impl, "shape": shape, "T": t, "T_kept": kept_rows(t, v), "V": v, "Dh": d, **r}
             if "median_s" in r:
-                row["gflops"] = flops / r["median_s"] / 1e9
+                row["gflops"] = flops(t, v, d) / r["median_s"] / 1e9
                 for base in ("floor", "masked_torch", "torch_chunked"):
                     if "median_s" in results.get(base, {}):
                         row[f"vs_{base}"] = r["median_s"] / results[base]["median_s"]

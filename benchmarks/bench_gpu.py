@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 import peers  # noqa: E402
+import plots  # noqa: E402
 
 DEVICE = "cuda"
 REPEATS = 5
@@ -339,47 +340,11 @@ def report(log: harness.RowLog) -> Path:
                               indent=2))
     print(f"\nwritten {out}")
     try:
-        for png in plot(out):
+        for png in plots.gpu_report(out):
             print(f"written {png}")
     except ImportError:
         print(f"matplotlib is not installed: plot later with `python benchmarks/bench_gpu.py plot --json {out}`")
     return out
-
-
-def plot(report_json: Path) -> list[Path]:
-    """One PNG per family beside the report: each case's implementations as bars of TFLOP/s (time
-    where a row has no FLOP count), fused backends first, the floor as a line. Needs matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = json.loads(Path(report_json).read_text())
-    rows = [r for r in data["rows"] if "median_s" in r]
-    written = []
-    for family in dict.fromkeys(r["family"] for r in rows):
-        cases = list(dict.fromkeys(r["sizes"] for r in rows if r["family"] == family))
-        fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 3.8), squeeze=False)
-        for ax, case in zip(axes[0], cases):
-            same = [r for r in rows if r["family"] == family and r["sizes"] == case]
-            metric = "tflops" if all("tflops" in r for r in same) else "median_s"
-            bars = [r for r in same if r["impl"] != "floor"]
-            ax.barh([r["impl"] for r in bars], [r[metric] for r in bars],
-                    color=["tab:red" if r["impl"] in ("mmfast-cuda", "mmfast-triton") else "tab:gray" for r in bars])
-            floor = next((r for r in same if r["impl"] == "floor"), None)
-            if floor is not None:
-                ax.axvline(floor[metric], color="black", linestyle="--", label="floor (the GEMMs alone)")
-                ax.legend(loc="lower right", fontsize=8)
-            ax.invert_yaxis()
-            ax.set_title(f"{family}: {case}", fontsize=9)
-            ax.set_xlabel("TFLOP/s (higher is better)" if metric == "tflops" else "median seconds (lower is better)")
-        fig.suptitle(f"{data['machine'].get('gpu', 'GPU')}, bf16", fontsize=10)
-        fig.tight_layout()
-        png = Path(report_json).with_name(f"{Path(report_json).stem}-{family}.png")
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        written.append(png)
-    return written
 
 
 def _sizes(row: dict) -> dict:
@@ -397,7 +362,7 @@ def main(argv=None) -> int:
     if args.what == "plot":
         if not args.json:
             parser.error("plot needs --json REPORT")
-        for png in plot(Path(args.json)):
+        for png in plots.gpu_report(Path(args.json)):
             print(f"written {png}")
         return 0
     default = Path(os.environ.get("OUT") or harness.RESULTS) / "gpu-bench.jsonl"

@@ -1,13 +1,14 @@
 """topk_similarity on CPU, fp32: mmfast's backends against full torch (the score matrix, then
 torch.topk) and the floor (the bare matmul alone, into a preallocated output).
 
-    python benchmarks/bench_similarity.py [--n 4096] [--m 262144] [--d 256] [--k 10] [--repeats 3] [--quick]
+    python benchmarks/bench_similarity.py [--n 4096] [--m 262144 ...] [--d 256] [--k 10] [--repeats 3]
+    python benchmarks/bench_similarity.py --quick
 
 The default shape is issue 5's acceptance shape: 4096 queries against 262144 keys, D = 256, k = 10
-(the full matrix is 4 GiB). Every case runs in fresh processes (harness.py): time = median of warm
-repeats, memory = growth of the peak RSS over one call (the inputs already exist; the matmul's
-preallocated output is first touched inside the call, so it counts). GFLOP/s count 2·N·M·D for
-every implementation.
+(the full matrix is 4 GiB); several --m values make a sweep over the number of keys. Every case
+runs in fresh processes (harness.py): time = median of warm repeats, memory = growth of the peak
+RSS over one call (the inputs already exist; the matmul's preallocated output is first touched
+inside the call, so it counts). GFLOP/s count 2·N·M·D for every implementation.
 """
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 
 IMPLS = ("cpu", "torch", "full_torch", "matmul")
+N, M, D, K = 4096, 262144, 256, 10  # the default shape
+
+
+def flops(n: int, m: int, d: int, k: int) -> int:
+    """The FLOPs every implementation is credited with: the floor's N×M×D matmul."""
+    return 2 * n * m * d
 
 
 def make_step(impl: str, n: int, m: int, d: int, k: int):
@@ -53,10 +60,10 @@ def worker(mode: str, impl: str, n: int, m: int, d: int, k: int, repeats: int) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--m", type=int, default=262144)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--n", type=int, default=N)
+    parser.add_argument("--m", type=int, nargs="+", default=[M], help="keys; several make a sweep")
+    parser.add_argument("--d", type=int, default=D)
+    parser.add_argument("--k", type=int, default=K)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke test: N=512, M=16384, D=64, 2 repeats")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -69,31 +76,32 @@ def main(argv=None) -> int:
         worker(mode, impl, *map(int, sizes))
         return 0
     if args.quick:
-        args.n, args.m, args.d, args.repeats = 512, 16384, 64, 2
+        args.n, args.m, args.d, args.repeats = 512, [16384], 64, 2
 
-    n, m, d, k = args.n, args.m, args.d, args.k
-    results = {}
-    for impl in args.impls:
-        print(f"  N={n} M={m} D={d} k={k} {impl} ...", file=sys.stderr, flush=True)
-        results[impl] = harness.run_case(__file__, [impl, str(n), str(m), str(d), str(k), str(args.repeats)])
+    n, d, k = args.n, args.d, args.k
     rows = []
-    for impl, r in results.items():
-        row = {"impl": impl, "N": n, "M": m, "D": d, "k": k, **r}
-        if "median_s" in r:
-            row["gflops"] = 2 * n * m * d / r["median_s"] / 1e9
-            for base in ("full_torch", "matmul"):
-                if "median_s" in results.get(base, {}):
-                    row[f"vs_{base}"] = r["median_s"] / results[base]["median_s"]
-        if "extra_peak_bytes" in r:
-            row["extra_peak_mb"] = r["extra_peak_bytes"] / 2**20
-            if results.get("full_torch", {}).get("extra_peak_bytes", 0) > 0:
-                row["mem_vs_full_torch"] = r["extra_peak_bytes"] / results["full_torch"]["extra_peak_bytes"]
-        rows.append(row)
+    for m in args.m:
+        results = {}
+        for impl in args.impls:
+            print(f"  N={n} M={m} D={d} k={k} {impl} ...", file=sys.stderr, flush=True)
+            results[impl] = harness.run_case(__file__, [impl, str(n), str(m), str(d), str(k), str(args.repeats)])
+        for impl, r in results.items():
+            row = {"impl": impl, "N": n, "M": m, "D": d, "k": k, **r}
+            if "median_s" in r:
+                row["gflops"] = flops(n, m, d, k) / r["median_s"] / 1e9
+                for base in ("full_torch", "matmul"):
+                    if "median_s" in results.get(base, {}):
+                        row[f"vs_{base}"] = r["median_s"] / results[base]["median_s"]
+            if "extra_peak_bytes" in r:
+                row["extra_peak_mb"] = r["extra_peak_bytes"] / 2**20
+                if results.get("full_torch", {}).get("extra_peak_bytes", 0) > 0:
+                    row["mem_vs_full_torch"] = r["extra_peak_bytes"] / results["full_torch"]["extra_peak_bytes"]
+            rows.append(row)
 
     payload = {"bench": "topk_similarity", "device": "cpu", "dtype": "float32", "machine": harness.machine(),
                "flops_counted": "2*N*M*D", "rows": rows}
     harness.report("similarity-cpu", payload, [
-        ("impl", "impl", ""), ("median s", "median_s", ".3f"), ("GFLOP/s", "gflops", ".1f"),
+        ("impl", "impl", ""), ("M", "M", "d"), ("median s", "median_s", ".3f"), ("GFLOP/s", "gflops", ".1f"),
         ("extra peak MB", "extra_peak_mb", ".1f"), ("time/full_torch", "vs_full_torch", ".2f"),
         ("time/matmul", "vs_matmul", ".2f"), ("mem/full_torch", "mem_vs_full_torch", ".4f"), ("error", "error", ""),
     ], args.out)

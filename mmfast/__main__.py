@@ -4,6 +4,7 @@
   python -m mmfast train --config cfg.json       train (a JSON TrainConfig); --resume RUN_DIR continues
   python -m mmfast finetune --task T --from RUN   classify | retrieve | vqa | generate on a pretrained run
   python -m mmfast generate --from RUN --prompt "a red circle"   draw images for a caption (a PNG)
+  python -m mmfast bench [--family F] [--plot]    CPU benchmarks of the op families over sizes (JSON, PNGs)
   python -m mmfast info                          versions and which backends run here (and why not)
   python -m mmfast eval-retrieval ...            retrieval metrics from .npy embeddings
 """
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     from mmfast.train import cli as train_cli
 
     train_cli.add_parsers(sub)
+    from mmfast import bench_cli
+
+    bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -65,6 +69,8 @@ def main(argv=None) -> int:
         return eval_cli.run(args)
     if args.command in ("train", "demo", "finetune", "generate"):
         return train_cli.run(args)
+    if args.command == "bench":
+        return bench_cli.run(args)
     return 2
 
 

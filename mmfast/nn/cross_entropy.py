@@ -11,6 +11,16 @@ from torch import Tensor, nn
 from mmfast.cross_entropy import linear_cross_entropy
 
 
+def autocast_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """(hidden, weight, bias) as an nn.Linear computes them: under autocast for hidden's device, all
+    three in the autocast dtype (the fp32 weight cast for the call); otherwise unchanged."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """loss = mmfast.linear_cross_entropy(hidden, weight, target, bias=bias) with the options fixed
     at construction: hidden (T, Dh) or (B, S, Dh), weight (V, Dh), bias (V,) or None."""
@@ -56,14 +66,8 @@ class MaskedLMHead(nn.Module):
                                            z_loss=z_loss, backend=backend)
 
     def forward(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """Under autocast the head computes in the autocast dtype, as an nn.Linear would (its fp32
-        weight cast for the call)."""
-        weight, bias = self.weight, self.bias
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        """Under autocast the head computes in the autocast dtype, as an nn.Linear would."""
+        hidden, weight, bias = autocast_operands(hidden, self.weight, self.bias)
         return self.loss(hidden, weight, labels, bias)
 
     def logits(self, hidden: Tensor) -> Tensor:
