@@ -73,6 +73,8 @@ def test_bad_arguments_are_errors_that_name_them(tmp_path, capsys, monkeypatch):
     assert f"--from-json {other}: not a result of benchmarks/bench_*.py" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,
+                    reason="pytest-benchmark is a dev dependency (make setup)")
 def test_pytest_benchmark_suite_collects_every_case_and_runs_one(tmp_path, monkeypatch):
     """`pytest benchmarks --benchmark-only`: one smoke case run (timed, its extra_info filled; the
     memory worker left out for time: the quick run above has the scripts' workers measure memory),
